@@ -1,0 +1,37 @@
+"""The network, its spectrogram front end, the weights format and the training tools."""
+
+from model.features import FeatureConfig, LogMelSpectrogram
+from model.resnet import (
+    ARCHITECTURES,
+    BasicBlock,
+    Bottleneck,
+    ResNet,
+    ResNet18,
+    ResNet34,
+    ResNet50,
+    ResNet101,
+    ResNet152,
+    build,
+)
+from model.weights import EmbeddingModel, Inference, Manifest, WeightsError, load, save
+
+__all__ = [
+    "ARCHITECTURES",
+    "BasicBlock",
+    "Bottleneck",
+    "EmbeddingModel",
+    "FeatureConfig",
+    "Inference",
+    "LogMelSpectrogram",
+    "Manifest",
+    "ResNet",
+    "ResNet18",
+    "ResNet34",
+    "ResNet50",
+    "ResNet101",
+    "ResNet152",
+    "WeightsError",
+    "build",
+    "load",
+    "save",
+]

@@ -1,0 +1,114 @@
+"""Bytes or a file -> waveform: decoding with PyAV (which bundles FFmpeg's codecs), downmixing
+and resampling. Kept apart from featurising, as SpeechBrain does."""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import av
+import numpy as np
+import torch
+import torchaudio.functional as AF
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+
+class AudioError(ValueError):
+    """The input is not audio we can decode."""
+
+
+class AudioTooLongError(AudioError):
+    """The audio is longer than the caller allows."""
+
+
+@dataclass(frozen=True)
+class Audio:
+    samples: np.ndarray  # (channels, samples) float32 in [-1, 1]
+    sample_rate: int
+
+    @property
+    def duration_s(self) -> float:
+        return self.samples.shape[1] / self.sample_rate
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.samples.shape[0])
+
+
+def decode(source: bytes | str | Path | BinaryIO, max_seconds: float | None = None) -> Audio:
+    """Decode the first audio stream of any container/codec FFmpeg knows.
+
+    ``max_seconds`` stops decoding as soon as the audio is longer than that, so an oversized
+    upload costs no more than that much work and memory.
+    """
+    if isinstance(source, bytes):
+        if not source:
+            raise AudioError("empty input")
+        source = io.BytesIO(source)
+    try:
+        with av.open(source if not isinstance(source, Path) else str(source), mode="r") as container:
+            return _decode_container(container, max_seconds)
+    except AudioError:
+        raise
+    except (av.FFmpegError, OSError, ValueError, IndexError, EOFError, UnicodeDecodeError) as exc:
+        raise AudioError(f"cannot decode audio: {_short(exc)}") from None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+def _decode_container(container: av.container.InputContainer, max_seconds: float | None) -> Audio:
+    if not container.streams.audio:
+        raise AudioError("no audio stream in input")
+    stream = container.streams.audio[0]
+    # Planar float32 at the stream's own rate and layout: (channels, n) per frame.
+    resampler = av.AudioResampler(format="fltp")
+    chunks: list[np.ndarray] = []
+    total = 0
+    sample_rate = 0
+    limit: int | None = None
+    for frame in container.decode(stream):
+        for out in resampler.resample(frame):
+            if not sample_rate:
+                sample_rate = out.sample_rate
+                if max_seconds is not None:
+                    limit = int(max_seconds * sample_rate)
+            arr = out.to_ndarray()
+            if chunks and arr.shape[0] != chunks[0].shape[0]:
+                raise AudioError("channel count changes mid-stream")
+            chunks.append(arr)
+            total += arr.shape[1]
+            if limit is not None and total > limit:
+                raise AudioTooLongError(f"audio longer than the limit of {max_seconds:g} s")
+    for out in resampler.resample(None):
+        chunks.append(out.to_ndarray())
+    if not chunks or sample_rate <= 0:
+        raise AudioError("no audio samples decoded")
+    samples = np.concatenate(chunks, axis=1).astype(np.float32, copy=False)
+    if not np.isfinite(samples).all():
+        raise AudioError("audio contains NaN or infinite samples")
+    return Audio(samples=samples, sample_rate=sample_rate)
+
+
+def to_mono(audio: Audio, sample_rate: int) -> Tensor:
+    """Average the channels and resample (windowed-sinc, anti-aliased) to ``sample_rate``."""
+    wave = torch.from_numpy(np.ascontiguousarray(audio.samples)).mean(dim=0)  # (S,)
+    return resample(wave, audio.sample_rate, sample_rate)
+
+
+def resample(wave: Tensor, orig_rate: int, new_rate: int) -> Tensor:
+    if orig_rate == new_rate:
+        return wave
+    return AF.resample(wave, orig_rate, new_rate)
+
+
+def load(path: str | Path, sample_rate: int, max_seconds: float | None = None) -> Tensor:
+    """A file on disk -> mono float32 waveform at ``sample_rate``."""
+    return to_mono(decode(Path(path), max_seconds=max_seconds), sample_rate)

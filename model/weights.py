@@ -1,0 +1,303 @@
+"""The weights format: a directory with ``model.safetensors`` and ``manifest.json``.
+
+The manifest carries everything needed to rebuild the network and its front end (architecture,
+sizes, labels, feature config), the tensor file's sha256, and provenance and metrics when
+known. :func:`load` checks all of it and refuses anything wrong with a one-line error that names
+the file and the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
+from model.audio import Audio, to_mono
+from model.features import FeatureConfig, LogMelSpectrogram
+from model.resnet import ARCHITECTURES, ResNet, build
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+TENSORS_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+
+class WeightsError(ValueError):
+    """A weights directory or checkpoint that cannot be used, and why."""
+
+
+@dataclass
+class Manifest:
+    architecture: str
+    num_classes: int
+    embedding_size: int
+    labels: list[str]
+    features: FeatureConfig
+    sha256: str = ""
+    verification_threshold: float | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def sample_rate(self) -> int:
+        return self.features.sample_rate
+
+    @property
+    def name(self) -> str:
+        return str(self.provenance.get("name", self.architecture))
+
+    @property
+    def version(self) -> str:
+        return str(self.provenance.get("version", self.sha256[:12]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "architecture": self.architecture,
+            "num_classes": self.num_classes,
+            "embedding_size": self.embedding_size,
+            "labels": list(self.labels),
+            "sample_rate": self.sample_rate,
+            "features": self.features.to_dict(),
+            "sha256": self.sha256,
+            "verification_threshold": self.verification_threshold,
+            "provenance": self.provenance,
+            "metrics": self.metrics,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Manifest:
+        """Validate a parsed manifest; raises ValueError naming the first problem."""
+        if not isinstance(data, dict):
+            raise ValueError("top level must be a JSON object")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"format_version {version!r} is not supported (expected {FORMAT_VERSION})")
+        required = ["architecture", "num_classes", "embedding_size", "labels", "features", "sha256"]
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise ValueError(f"missing fields: {', '.join(missing)}")
+        arch = data["architecture"]
+        if not isinstance(arch, str) or arch.lower() not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+        for key in ("num_classes", "embedding_size"):
+            if not isinstance(data[key], int) or isinstance(data[key], bool) or data[key] < 1:
+                raise ValueError(f"{key} must be a positive integer, got {data[key]!r}")
+        labels = data["labels"]
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise ValueError("labels must be a list of strings")
+        if len(labels) != data["num_classes"]:
+            raise ValueError(f"{len(labels)} labels for num_classes={data['num_classes']}")
+        if len(set(labels)) != len(labels):
+            raise ValueError("labels are not unique")
+        if not isinstance(data["features"], dict):
+            raise ValueError("features must be an object")
+        features = FeatureConfig.from_dict(data["features"])
+        if "sample_rate" in data and data["sample_rate"] != features.sample_rate:
+            raise ValueError(
+                f"sample_rate {data['sample_rate']} disagrees with features.sample_rate {features.sample_rate}"
+            )
+        threshold = data.get("verification_threshold")
+        if threshold is not None and (not isinstance(threshold, int | float) or not -1 <= threshold <= 1):
+            raise ValueError(f"verification_threshold must be a cosine in [-1, 1], got {threshold!r}")
+        return cls(
+            architecture=arch.lower(),
+            num_classes=data["num_classes"],
+            embedding_size=data["embedding_size"],
+            labels=labels,
+            features=features,
+            sha256=str(data["sha256"]),
+            verification_threshold=None if threshold is None else float(threshold),
+            provenance=dict(data.get("provenance") or {}),
+            metrics=dict(data.get("metrics") or {}),
+        )
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_state_dict_into(network: ResNet, state_dict: Mapping[str, Tensor], source: str) -> None:
+    """Strict key and shape check, then load. Accepts ``module.`` prefixes and both BasicBlock
+    projection names (``downsample`` and ``shortcut``)."""
+    sd = dict(state_dict)
+    consume_prefix_in_state_dict_if_present(sd, "module.")
+    sd = {k.replace(".shortcut.", ".downsample.") if _is_basic(network, k) else k: v for k, v in sd.items()}
+    expected = network.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [
+        f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in sd and tuple(sd[k].shape) != tuple(v.shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys ({_first(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys ({_first(unexpected)})")
+    if wrong:
+        problems.append(f"{len(wrong)} shape mismatches ({_first(wrong)})")
+    if problems:
+        raise WeightsError(f"{source}: does not fit the network: " + "; ".join(problems))
+    network.load_state_dict(sd, strict=True)
+
+
+def _is_basic(network: ResNet, key: str) -> bool:
+    return ".shortcut." in key and type(network.layer1[0]).__name__ == "BasicBlock"
+
+
+def _first(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
+
+
+def save(
+    network: ResNet,
+    out_dir: str | Path,
+    *,
+    architecture: str,
+    labels: list[str],
+    features: FeatureConfig,
+    verification_threshold: float | None = None,
+    provenance: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> Manifest:
+    """Write ``network`` as a weights directory; returns the manifest written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+    tensors = out / TENSORS_FILE
+    safetensors.torch.save_file(state, str(tensors), metadata={"format": "pt"})
+    manifest = Manifest(
+        architecture=architecture.lower(),
+        num_classes=network.linear.out_features,
+        embedding_size=network.fc.out_features,
+        labels=list(labels),
+        features=features,
+        sha256=file_sha256(tensors),
+        verification_threshold=verification_threshold,
+        provenance=provenance or {},
+        metrics=metrics or {},
+    )
+    Manifest.from_dict(manifest.to_dict())  # refuse to write what load() would refuse
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    return manifest
+
+
+@dataclass
+class Inference:
+    logits: Tensor  # (num_classes,)
+    embedding: Tensor  # (embedding_size,)
+    windows: int  # how many windows were averaged
+
+    @property
+    def probabilities(self) -> Tensor:
+        return F.softmax(self.logits, dim=-1)
+
+
+class EmbeddingModel:
+    """A loaded, checked model: network in eval mode, its front end and its manifest."""
+
+    def __init__(self, network: ResNet, manifest: Manifest) -> None:
+        self.network = network.eval()
+        self.manifest = manifest
+        self.features = LogMelSpectrogram(manifest.features).eval()
+
+    @property
+    def sample_rate(self) -> int:
+        return self.manifest.sample_rate
+
+    @property
+    def labels(self) -> list[str]:
+        return self.manifest.labels
+
+    def prepare(self, audio: Audio) -> Tensor:
+        """Decoded audio (any rate, any channel count) -> mono waveform at the model's rate."""
+        return to_mono(audio, self.sample_rate)
+
+    @torch.inference_mode()
+    def forward_batch(self, waves: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B, samples)`` at the model's rate -> ``(logits (B, C), embedding (B, E))``."""
+        feats = self.features(waves)  # (B, 1, n_mels, T)
+        return self.network(feats)
+
+    def windows(self, wave: Tensor, window_s: float) -> Tensor:
+        """Split a clip into equal windows of at most ``window_s``: ``(n, samples)``."""
+        window = max(1, int(window_s * self.sample_rate))
+        n = max(1, math.ceil(wave.shape[-1] / window))
+        length = wave.shape[-1] // n
+        return wave[: n * length].reshape(n, length)
+
+    @torch.inference_mode()
+    def infer(self, wave: Tensor, window_s: float = 20.0, batch_windows: int = 4) -> Inference:
+        """One clip at the model's rate -> averaged logits and embedding over its windows.
+
+        Long clips are cut into equal windows processed a few at a time, so memory is bounded
+        by ``window_s * batch_windows`` whatever the clip's length.
+        """
+        chunks = self.windows(wave, window_s)  # (n, S)
+        logits_sum: Tensor | None = None
+        emb_sum: Tensor | None = None
+        for batch in _batches(chunks, batch_windows):
+            logits, emb = self.forward_batch(batch)
+            logits_sum = logits.sum(0) if logits_sum is None else logits_sum + logits.sum(0)
+            emb_sum = emb.sum(0) if emb_sum is None else emb_sum + emb.sum(0)
+        assert logits_sum is not None and emb_sum is not None
+        n = chunks.shape[0]
+        return Inference(logits=logits_sum.float() / n, embedding=emb_sum.float() / n, windows=n)
+
+
+def _batches(x: Tensor, size: int) -> Iterator[Tensor]:
+    for i in range(0, x.shape[0], size):
+        yield x[i : i + size]
+
+
+def load(path: str | Path) -> EmbeddingModel:
+    """Load and check a weights directory. Raises :class:`WeightsError` naming file and problem."""
+    root = Path(path)
+    if not root.is_dir():
+        raise WeightsError(f"{root}: not a weights directory (expected {TENSORS_FILE} + {MANIFEST_FILE})")
+    manifest_path, tensors_path = root / MANIFEST_FILE, root / TENSORS_FILE
+    for p in (manifest_path, tensors_path):
+        if not p.is_file():
+            raise WeightsError(f"{p}: missing")
+    try:
+        raw = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise WeightsError(f"{manifest_path}: not valid JSON ({exc})") from None
+    try:
+        manifest = Manifest.from_dict(raw)
+    except ValueError as exc:
+        raise WeightsError(f"{manifest_path}: {exc}") from None
+    actual = file_sha256(tensors_path)
+    if actual != manifest.sha256:
+        raise WeightsError(
+            f"{tensors_path}: sha256 {actual[:16]}... does not match the manifest's {manifest.sha256[:16]}... "
+            "(file corrupted or replaced)"
+        )
+    try:
+        state = safetensors.torch.load_file(str(tensors_path), device="cpu")
+    except (safetensors.SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(f"{tensors_path}: unreadable safetensors file ({exc})") from None
+    network = build(manifest.architecture, manifest.num_classes, manifest.embedding_size)
+    load_state_dict_into(network, state, f"{tensors_path} (architecture {manifest.architecture!r})")
+    log.info("loaded %s (%s, sha256 %s)", root, manifest.architecture, manifest.sha256[:12])
+    return EmbeddingModel(network, manifest)

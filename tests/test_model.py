@@ -1,0 +1,237 @@
+"""The network, the front end, the weights format and the converter (issue 2)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import model
+from model import FeatureConfig, LogMelSpectrogram, WeightsError
+from model.convert import convert
+from tests import seed_reference as seed
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def randomise_bn(net: nn.Module) -> None:
+    """Give BatchNorm non-trivial statistics so a mis-mapped key cannot go unnoticed."""
+    gen = torch.Generator().manual_seed(1)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+
+
+@pytest.mark.parametrize("factory", [model.ResNet18, model.ResNet34, model.ResNet50, model.ResNet101, model.ResNet152])
+def test_every_depth_gives_logits_and_embedding(factory):
+    net = factory().eval()
+    with torch.inference_mode():
+        logits, embedding = net(torch.randn(2, 1, 80, 300))
+    assert logits.shape == (2, 9)
+    assert embedding.shape == (2, 256)
+
+
+def test_layer_names_and_sizes_follow_the_seed():
+    net = model.ResNet18(num_classes=5, embedding_size=128)
+    assert net.conv1.in_channels == 1 and net.conv1.out_channels == 64 and net.conv1.kernel_size == (3, 3)
+    assert net.avg_pool.output_size == (4, 1)
+    assert net.fc.in_features == 512 * 4 and net.fc.out_features == 128
+    assert net.linear.out_features == 5
+    assert model.ResNet50().fc.in_features == 512 * 4 * 4
+
+
+def test_forward_does_not_copy_its_input():
+    net = model.ResNet18().eval()
+    x = torch.randn(1, 1, 80, 100, requires_grad=True)
+    logits, _ = net(x)
+    logits.sum().backward()
+    assert x.grad is not None  # a copied input would cut the graph
+
+
+@pytest.mark.parametrize("seconds", [0.5, 60.0])
+def test_short_and_long_clips_run_end_to_end(seconds):
+    fe = LogMelSpectrogram().eval()
+    net = model.ResNet18().eval()
+    wave = torch.randn(int(16000 * seconds)) * 0.1
+    with torch.inference_mode():
+        feats = fe(wave)
+        logits, emb = net(feats)
+    assert feats.shape == (1, 1, 80, fe.num_frames(wave.numel()))
+    assert logits.shape == (1, 9) and emb.shape == (1, 256)
+    assert torch.isfinite(emb).all()
+
+
+def test_front_end_is_deterministic_and_batch_consistent():
+    fe = LogMelSpectrogram().eval()
+    waves = torch.randn(3, 24000) * 0.1
+    batch = fe(waves)
+    single = torch.cat([fe(w) for w in waves])
+    assert torch.allclose(batch, single, atol=1e-5)
+    assert torch.equal(fe(waves[0]), fe(waves[0]))
+    # mean normalisation over time: every mel band has zero mean
+    assert batch.mean(dim=-1).abs().max() < 1e-4
+
+
+def test_feature_config_rejects_nonsense():
+    with pytest.raises(ValueError, match="f_max"):
+        FeatureConfig(f_max=9000)
+    with pytest.raises(ValueError, match="unknown feature config keys"):
+        FeatureConfig.from_dict({"dither": 1.0})
+
+
+def seed_network(kind: str) -> nn.Module:
+    net = seed.ResNet50() if kind == "resnet50" else seed.ResNet18(projection=kind)
+    randomise_bn(net)
+    return net.eval()
+
+
+CHECKPOINT_CASES = [
+    (kind, wrap) for kind in ("downsample", "shortcut") for wrap in (None, "state_dict", "dataparallel")
+] + [("resnet50", None), ("resnet50", "dataparallel")]
+
+
+@pytest.mark.parametrize(("kind", "wrap"), CHECKPOINT_CASES)
+def test_seed_checkpoint_converts_and_reproduces_outputs(tmp_path, kind, wrap):
+    net = seed_network(kind)
+    state = net.state_dict()
+    if wrap == "dataparallel":
+        state = {f"module.{k}": v for k, v in state.items()}
+    saved = {"state_dict": state, "epoch": 3} if wrap == "state_dict" else state
+    ckpt = tmp_path / "seed.pt"
+    torch.save(saved, ckpt)
+
+    arch = "resnet50" if kind == "resnet50" else "resnet18"
+    labels = [f"speaker{i}" for i in range(9)]
+    convert(ckpt, tmp_path / "w", arch, labels=labels)
+    loaded = model.load(tmp_path / "w")
+
+    x = torch.randn(2, 1, 80, 200)
+    with torch.inference_mode():
+        want_logits, want_emb = net(x)
+        got_logits, got_emb = loaded.network(x)
+    assert (want_logits - got_logits).abs().max() < 1e-5
+    assert (want_emb - got_emb).abs().max() < 1e-5
+    assert loaded.labels == labels
+    assert not loaded.network.training
+
+
+def test_loaded_model_takes_any_rate_and_channel_count(tmp_path):
+    from model.audio import Audio
+
+    net = seed_network("downsample")
+    torch.save(net.state_dict(), tmp_path / "seed.pt")
+    convert(tmp_path / "seed.pt", tmp_path / "w", "resnet18")
+    loaded = model.load(tmp_path / "w")
+    t = torch.arange(44100 * 2) / 44100
+    tone = (0.3 * torch.sin(2 * torch.pi * 220 * t)).numpy()
+    stereo = Audio(samples=__import__("numpy").stack([tone, tone]).astype("float32"), sample_rate=44100)
+    wave = loaded.prepare(stereo)
+    assert wave.shape == (32000,)
+    result = loaded.infer(wave)
+    assert result.logits.shape == (9,) and result.embedding.shape == (256,) and result.windows == 1
+    # a long clip is averaged over windows
+    long_result = loaded.infer(wave.repeat(15), window_s=10.0)
+    assert long_result.windows == 3
+
+
+@pytest.fixture()
+def weights_dir(tmp_path):
+    net = seed_network("downsample")
+    torch.save(net.state_dict(), tmp_path / "seed.pt")
+    convert(tmp_path / "seed.pt", tmp_path / "w", "resnet18")
+    return tmp_path / "w"
+
+
+def one_line(exc: pytest.ExceptionInfo) -> str:
+    text = str(exc.value)
+    assert "\n" not in text
+    return text
+
+
+def test_corrupted_tensor_file_is_refused(weights_dir):
+    f = weights_dir / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(WeightsError) as exc:
+        model.load(weights_dir)
+    msg = one_line(exc)
+    assert "model.safetensors" in msg and "sha256" in msg
+
+
+def test_wrong_architecture_in_manifest_is_refused(weights_dir):
+    m = weights_dir / "manifest.json"
+    data = json.loads(m.read_text())
+    data["architecture"] = "resnet34"
+    m.write_text(json.dumps(data))
+    with pytest.raises(WeightsError) as exc:
+        model.load(weights_dir)
+    msg = one_line(exc)
+    assert "resnet34" in msg and "missing keys" in msg
+
+
+def test_missing_key_is_refused(tmp_path):
+    state = seed_network("downsample").state_dict()
+    del state["layer2.0.downsample.1.running_var"]
+    torch.save(state, tmp_path / "seed.pt")
+    with pytest.raises(WeightsError) as exc:
+        convert(tmp_path / "seed.pt", tmp_path / "w", "resnet18")
+    assert "layer2.0.downsample.1.running_var" in one_line(exc)
+
+
+def test_pickled_whole_model_is_refused_without_unpickling(tmp_path):
+    torch.save(seed_network("downsample"), tmp_path / "whole.pt")
+    with pytest.raises(WeightsError) as exc:
+        convert(tmp_path / "whole.pt", tmp_path / "w", "resnet18")
+    msg = one_line(exc)
+    assert "state_dict()" in msg
+    assert not (tmp_path / "w").exists()
+
+
+def test_unknown_manifest_fields_and_bad_json_are_refused(weights_dir):
+    m = weights_dir / "manifest.json"
+    m.write_text("{not json")
+    with pytest.raises(WeightsError) as exc:
+        model.load(weights_dir)
+    assert "manifest.json" in one_line(exc)
+
+
+def test_convert_cli_reports_one_clean_line(tmp_path):
+    torch.save(seed_network("downsample"), tmp_path / "whole.pt")
+    proc = subprocess.run(
+        [sys.executable, "-m", "model.convert", str(tmp_path / "whole.pt"), str(tmp_path / "w"), "--arch", "resnet18"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "state_dict()" in proc.stderr
+    torch.save(seed_network("downsample").state_dict(), tmp_path / "ok.pt")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "model.convert",
+            str(tmp_path / "ok.pt"),
+            str(tmp_path / "w"),
+            "--arch",
+            "resnet18",
+            "--labels",
+            ",".join("abcdefghi"),
+            "--n-mels",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    loaded = model.load(tmp_path / "w")
+    assert loaded.manifest.features.n_mels == 64 and loaded.labels == list("abcdefghi")
