@@ -10,9 +10,9 @@ HOST ?= 0.0.0.0
 WEIGHTS_DIR ?= weights
 DATA ?= data/corpus
 RUN ?= runs/resnet18
-PER_VOICE ?= 240
+PER_VOICE ?= 200
 SEED ?= 0
-EPOCHS ?= 12
+EPOCHS ?= 6
 SYSTEM_PACKAGES := flite festival festvox-kdlpc16k espeak-ng sox ffmpeg nginx
 SYSTEM_COMMANDS := flite festival espeak-ng sox ffmpeg nginx
 
