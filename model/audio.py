@@ -28,8 +28,9 @@ class AudioTooLongError(AudioError):
 
 @dataclass(frozen=True)
 class Audio:
-    samples: np.ndarray  # (channels, samples) float32 in [-1, 1]
+    samples: np.ndarray  # (channels, samples) float32 in [-1, 1]; one row when downmixed
     sample_rate: int
+    source_channels: int = 0  # channels in the input, before any downmix
 
     @property
     def duration_s(self) -> float:
@@ -37,14 +38,19 @@ class Audio:
 
     @property
     def num_channels(self) -> int:
-        return int(self.samples.shape[0])
+        return self.source_channels or int(self.samples.shape[0])
 
 
-def decode(source: bytes | str | Path | BinaryIO, max_seconds: float | None = None) -> Audio:
+MAX_CHANNELS = 32
+MAX_SAMPLE_RATE = 384_000
+
+
+def decode(source: bytes | str | Path | BinaryIO, max_seconds: float | None = None, downmix: bool = False) -> Audio:
     """Decode the first audio stream of any container/codec FFmpeg knows.
 
-    ``max_seconds`` stops decoding as soon as the audio is longer than that, so an oversized
-    upload costs no more than that much work and memory.
+    ``max_seconds`` stops decoding as soon as the audio is longer than that, and ``downmix``
+    averages the channels frame by frame, so an oversized or many-channel upload costs no more
+    than that much work and memory.
     """
     if isinstance(source, bytes):
         if not source:
@@ -52,7 +58,7 @@ def decode(source: bytes | str | Path | BinaryIO, max_seconds: float | None = No
         source = io.BytesIO(source)
     try:
         with av.open(source if not isinstance(source, Path) else str(source), mode="r") as container:
-            return _decode_container(container, max_seconds)
+            return _decode_container(container, max_seconds, downmix)
     except AudioError:
         raise
     except (av.FFmpegError, OSError, ValueError, IndexError, EOFError, UnicodeDecodeError) as exc:
@@ -60,14 +66,18 @@ def decode(source: bytes | str | Path | BinaryIO, max_seconds: float | None = No
 
 
 def _short(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
+    text = (getattr(exc, "strerror", None) or str(exc)).strip() or type(exc).__name__
     return text.splitlines()[0][:200]
 
 
-def _decode_container(container: av.container.InputContainer, max_seconds: float | None) -> Audio:
+def _decode_container(container: av.container.InputContainer, max_seconds: float | None, downmix: bool) -> Audio:
     if not container.streams.audio:
         raise AudioError("no audio stream in input")
     stream = container.streams.audio[0]
+    if stream.channels and stream.channels > MAX_CHANNELS:
+        raise AudioError(f"{stream.channels} channels; at most {MAX_CHANNELS} are accepted")
+    if stream.sample_rate and stream.sample_rate > MAX_SAMPLE_RATE:
+        raise AudioError(f"sample rate {stream.sample_rate} Hz; at most {MAX_SAMPLE_RATE} is accepted")
     # Planar float32 at the stream's own rate and layout: (channels, n) per frame.
     resampler = av.AudioResampler(format="fltp")
     chunks: list[np.ndarray] = []
@@ -81,6 +91,8 @@ def _decode_container(container: av.container.InputContainer, max_seconds: float
                 if max_seconds is not None:
                     limit = int(max_seconds * sample_rate)
             arr = out.to_ndarray()
+            if downmix:
+                arr = arr.mean(axis=0, keepdims=True)
             if chunks and arr.shape[0] != chunks[0].shape[0]:
                 raise AudioError("channel count changes mid-stream")
             chunks.append(arr)
@@ -88,13 +100,14 @@ def _decode_container(container: av.container.InputContainer, max_seconds: float
             if limit is not None and total > limit:
                 raise AudioTooLongError(f"audio longer than the limit of {max_seconds:g} s")
     for out in resampler.resample(None):
-        chunks.append(out.to_ndarray())
+        arr = out.to_ndarray()
+        chunks.append(arr.mean(axis=0, keepdims=True) if downmix else arr)
     if not chunks or sample_rate <= 0:
         raise AudioError("no audio samples decoded")
     samples = np.concatenate(chunks, axis=1).astype(np.float32, copy=False)
     if not np.isfinite(samples).all():
         raise AudioError("audio contains NaN or infinite samples")
-    return Audio(samples=samples, sample_rate=sample_rate)
+    return Audio(samples=samples, sample_rate=sample_rate, source_channels=stream.channels or 0)
 
 
 def to_mono(audio: Audio, sample_rate: int) -> Tensor:

@@ -1,0 +1,32 @@
+"""Service settings, read from environment variables (see the README's table)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    host: str = "0.0.0.0"
+    port: int = 8000
+    weights_dir: Path = ROOT / "weights"
+    torch_threads: int | None = Field(default=None, ge=1, description="intra-op threads; default: all CPUs")
+    min_duration_s: float = Field(default=0.5, gt=0)
+    max_duration_s: float = Field(default=600.0, gt=0)
+    max_body_bytes: int = Field(default=100 * 1024 * 1024, ge=1024)
+    max_files: int = Field(default=16, ge=1, description="files per batch request")
+    window_s: float = Field(default=20.0, gt=1.0, description="long clips are averaged over windows this long")
+    silence_peak: float = Field(default=1e-4, ge=0, description="clips whose peak is below this are silent")
+    log_level: str = "INFO"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

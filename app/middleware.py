@@ -1,0 +1,102 @@
+"""Pure ASGI middleware: request ids, the body-size limit enforced while reading, access logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from contextvars import ContextVar
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import ApiError, error_body
+
+log = logging.getLogger("app.access")
+request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
+SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class BodyTooLargeError(ApiError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, "body_too_large", f"request body larger than {limit} bytes")
+
+
+class RequestContext:
+    """Gives every request an id (an incoming X-Request-ID is honoured and returned), refuses bodies
+    over ``max_body_bytes`` (by Content-Length up front, and by counting while streaming), and
+    writes one access-log line per request."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        incoming = headers.get("x-request-id", "")
+        request_id = incoming if SAFE_ID.match(incoming) else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            early = self._check_length(headers.get("content-length"))
+            if early is not None:
+                status_code, code, text = early
+                await self._reply(send_with_id, status_code, code, text)
+                return
+            received = 0
+
+            async def counted_receive() -> Message:
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > self.max_body_bytes:
+                        raise BodyTooLargeError(self.max_body_bytes)
+                return message
+
+            await self.app(scope, counted_receive, send_with_id)
+        finally:
+            log.info(
+                "%s %s %d %.1fms",
+                scope.get("method", "-"),
+                scope.get("path", "-"),
+                status,
+                (time.perf_counter() - started) * 1000,
+            )
+            request_id_var.reset(token)
+
+    def _check_length(self, value: str | None) -> tuple[int, str, str] | None:
+        if value is None:
+            return None
+        if not value.strip().isdigit() or len(value) > 20:
+            return 400, "bad_request", "invalid Content-Length header"
+        if int(value) > self.max_body_bytes:
+            return 413, "body_too_large", f"request body larger than {self.max_body_bytes} bytes"
+        return None
+
+    @staticmethod
+    async def _reply(send: Send, status: int, code: str, text: str) -> None:
+        body = json.dumps(error_body(code, text)).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,247 @@
+"""POST /embed, /classify, /verify and their batch forms."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Query, Request
+
+from app.deps import ServiceDep, SettingsDep
+from app.errors import ApiError, bad_request
+from app.schemas import BatchResponse, ClassifyResponse, EmbedResponse, ErrorResponse, VerifyResponse
+from app.service import ClipResult, InferenceService
+from app.uploads import Upload, media_type, read_audio, read_form_files
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["inference"])
+
+BINARY = {"type": "string", "format": "binary"}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        400: "malformed request",
+        413: "body or audio duration too large",
+        415: "unsupported or undecodable media",
+        422: "invalid parameters, or too-short or silent audio",
+        503: "not ready",
+    }.items()
+}
+
+
+def audio_body(fields: list[str], many: bool = False) -> dict[str, Any]:
+    """OpenAPI for bodies read by hand: multipart file parts, or the raw audio bytes."""
+    part = {"type": "array", "items": BINARY} if many else BINARY
+    content: dict[str, Any] = {
+        "multipart/form-data": {
+            "schema": {"type": "object", "properties": dict.fromkeys(fields, part), "required": fields}
+        }
+    }
+    if fields == ["file"]:
+        content["audio/*"] = {"schema": BINARY}
+        content["application/octet-stream"] = {"schema": BINARY}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+Normalize = Annotated[bool, Query(description="return the L2-normalised embedding")]
+TopK = Annotated[int, Query(ge=1, le=1000, description="how many best classes to list")]
+IncludeEmbedding = Annotated[bool, Query(description="add the embedding to the answer")]
+
+
+def l2_normalize(v: np.ndarray) -> np.ndarray:
+    return v / max(float(np.linalg.norm(v)), 1e-12)
+
+
+def processing(service: InferenceService, clip: ClipResult) -> dict[str, Any]:
+    return {
+        "windows": clip.windows,
+        "window_s": service.settings.window_s,
+        "input_sample_rate": clip.sample_rate,
+        "input_channels": clip.channels,
+    }
+
+
+def embed_result(service: InferenceService, clip: ClipResult, normalize: bool) -> dict[str, Any]:
+    vector = l2_normalize(clip.embedding) if normalize else clip.embedding
+    return {
+        "embedding": vector.tolist(),
+        "dim": int(vector.shape[0]),
+        "normalized": normalize,
+        "duration_s": round(clip.duration_s, 4),
+        "processing": processing(service, clip),
+        "model": service.model_ref(),
+    }
+
+
+def classify_result(service: InferenceService, clip: ClipResult, top_k: int, include_embedding: bool) -> dict[str, Any]:
+    labels = service.labels
+    probs = clip.probabilities
+    order = np.argsort(-probs, kind="stable")[: min(top_k, len(labels))]
+    best = int(order[0])
+    return {
+        "label": labels[best],
+        "index": best,
+        "score": float(probs[best]),
+        "probabilities": {label: float(p) for label, p in zip(labels, probs, strict=True)},
+        "top_k": [{"label": labels[i], "index": int(i), "score": float(probs[i])} for i in order],
+        "duration_s": round(clip.duration_s, 4),
+        "processing": processing(service, clip),
+        "embedding": clip.embedding.tolist() if include_embedding else None,
+        "model": service.model_ref(),
+    }
+
+
+async def single(request: Request, service: InferenceService, max_files: int) -> ClipResult:
+    service.require_model()
+    uploads = await read_audio(request, max_files)
+    if len(uploads) > 1:
+        raise bad_request(f"{len(uploads)} files sent to a single-clip endpoint; use {request.url.path}/batch")
+    return await service.analyse(uploads[0].data)
+
+
+async def batch(service: InferenceService, uploads: list[Upload]) -> list[ClipResult | ApiError]:
+    async def one(upload: Upload) -> ClipResult | ApiError:
+        try:
+            return await service.analyse(upload.data)
+        except ApiError as exc:
+            return exc
+
+    return list(await asyncio.gather(*(one(u) for u in uploads)))
+
+
+def batch_response(
+    service: InferenceService, uploads: list[Upload], results: list[ClipResult | ApiError], format_one: Any
+) -> dict[str, Any]:
+    items = []
+    for i, (upload, res) in enumerate(zip(uploads, results, strict=True)):
+        item: dict[str, Any] = {"index": i, "filename": upload.filename}
+        if isinstance(res, ApiError):
+            item["error"] = {"code": res.code, "message": res.message}
+        else:
+            item["result"] = format_one(res)
+        items.append(item)
+    return {"results": items, "model": service.model_ref()}
+
+
+@router.post(
+    "/embed",
+    response_model=EmbedResponse,
+    summary="the 256-d voice embedding of one clip",
+    openapi_extra=audio_body(["file"]),
+    responses=ERRORS,
+)
+async def embed(request: Request, service: ServiceDep, settings: SettingsDep, normalize: Normalize = False) -> Any:
+    clip = await single(request, service, settings.max_files)
+    return embed_result(service, clip, normalize)
+
+
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    response_model_exclude_none=True,
+    summary="the class probabilities of one clip (and optionally its embedding, from the same pass)",
+    openapi_extra=audio_body(["file"]),
+    responses=ERRORS,
+)
+async def classify(
+    request: Request,
+    service: ServiceDep,
+    settings: SettingsDep,
+    top_k: TopK = 3,
+    include_embedding: IncludeEmbedding = False,
+) -> Any:
+    clip = await single(request, service, settings.max_files)
+    return classify_result(service, clip, top_k, include_embedding)
+
+
+@router.post(
+    "/embed/batch",
+    response_model=BatchResponse,
+    summary="embeddings of several clips (repeated 'file' parts); a bad file gets its own error entry",
+    openapi_extra=audio_body(["file"], many=True),
+    responses=ERRORS,
+)
+async def embed_batch(
+    request: Request, service: ServiceDep, settings: SettingsDep, normalize: Normalize = False
+) -> Any:
+    uploads = await read_batch(request, service, settings.max_files)
+    results = await batch(service, uploads)
+    return batch_response(service, uploads, results, lambda c: embed_result(service, c, normalize))
+
+
+@router.post(
+    "/classify/batch",
+    response_model=BatchResponse,
+    summary="classes of several clips (repeated 'file' parts); a bad file gets its own error entry",
+    openapi_extra=audio_body(["file"], many=True),
+    responses=ERRORS,
+)
+async def classify_batch(
+    request: Request,
+    service: ServiceDep,
+    settings: SettingsDep,
+    top_k: TopK = 3,
+    include_embedding: IncludeEmbedding = False,
+) -> Any:
+    uploads = await read_batch(request, service, settings.max_files)
+    results = await batch(service, uploads)
+    fmt = lambda c: {k: v for k, v in classify_result(service, c, top_k, include_embedding).items() if v is not None}  # noqa: E731
+    return batch_response(service, uploads, results, fmt)
+
+
+def require_multipart(request: Request, what: str) -> None:
+    if media_type(request) != "multipart/form-data":
+        raise ApiError(415, "unsupported_media", f"this endpoint takes multipart/form-data with {what}")
+
+
+async def read_batch(request: Request, service: InferenceService, max_files: int) -> list[Upload]:
+    service.require_model()
+    require_multipart(request, "repeated 'file' parts")
+    uploads = (await read_form_files(request, ["file"], max_files))["file"]
+    if not uploads:
+        raise bad_request("multipart body has no 'file' parts")
+    return uploads
+
+
+async def analyse_named(service: InferenceService, name: str, upload: Upload) -> ClipResult:
+    try:
+        return await service.analyse(upload.data)
+    except ApiError as exc:
+        raise ApiError(exc.status, exc.code, f"{name}: {exc.message}", exc.headers) from None
+
+
+@router.post(
+    "/verify",
+    response_model=VerifyResponse,
+    summary="are clips 'a' and 'b' the same voice? cosine of their embeddings against a threshold",
+    openapi_extra=audio_body(["a", "b"]),
+    responses=ERRORS,
+)
+async def verify(
+    request: Request,
+    service: ServiceDep,
+    settings: SettingsDep,
+    threshold: Annotated[
+        float | None, Query(ge=-1.0, le=1.0, description="cosine threshold; default: the calibrated one")
+    ] = None,
+) -> Any:
+    service.require_model()
+    require_multipart(request, "file parts 'a' and 'b'")
+    found = await read_form_files(request, ["a", "b"], 2)
+    for name in ("a", "b"):
+        if len(found[name]) != 1:
+            raise bad_request(f"send exactly one file part named {name!r} (got {len(found[name])})")
+    chosen = threshold if threshold is not None else service.threshold
+    if chosen is None:
+        raise ApiError(422, "invalid_parameters", "these weights have no calibrated threshold; pass ?threshold=")
+    a, b = await asyncio.gather(*(analyse_named(service, name, found[name][0]) for name in ("a", "b")))
+    score = float(np.dot(l2_normalize(a.embedding), l2_normalize(b.embedding)))
+    return {
+        "score": score,
+        "same_speaker": score >= chosen,
+        "threshold": chosen,
+        "duration_s": {"a": round(a.duration_s, 4), "b": round(b.duration_s, 4)},
+        "model": service.model_ref(),
+    }

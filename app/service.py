@@ -1,0 +1,140 @@
+"""The one object that owns the model: preprocess (decode, checks), inference, postprocess.
+
+CPU-bound work runs on worker threads, never on the event loop: decoding on a small pool, so bad
+input is rejected without waiting behind inference, and inference on a single thread that owns
+all torch intra-op threads, so results never depend on what else is in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import model
+from app.config import Settings
+from app.errors import ApiError
+from model.audio import AudioError, AudioTooLongError, decode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClipResult:
+    embedding: np.ndarray  # (E,)
+    probabilities: np.ndarray  # (C,)
+    duration_s: float
+    windows: int
+    sample_rate: int
+    channels: int
+
+
+class InferenceService:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.model: model.EmbeddingModel | None = None
+        self.ready = False
+        self._decode_pool = ThreadPoolExecutor(2, thread_name_prefix="decode")
+        self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer")
+
+    # lifecycle ---------------------------------------------------------------------------
+
+    def load(self, weights_dir: Path) -> None:
+        """Load, check and warm the model; raises model.WeightsError on bad weights."""
+        started = time.perf_counter()
+        loaded = model.load(weights_dir)
+        wave = torch.from_numpy(np.random.default_rng(0).normal(0, 0.1, loaded.sample_rate * 2).astype(np.float32))
+        for _ in range(2):  # warm-up: first calls pay for allocator and kernel selection
+            loaded.infer(wave)
+        self.model = loaded
+        self.ready = True
+        log.info("model ready in %.2f s (%s)", time.perf_counter() - started, loaded.manifest.architecture)
+
+    def close(self) -> None:
+        self.ready = False
+        self._decode_pool.shutdown(wait=True, cancel_futures=True)
+        self._infer_pool.shutdown(wait=True, cancel_futures=True)
+
+    # info --------------------------------------------------------------------------------
+
+    def require_model(self) -> model.EmbeddingModel:
+        if self.model is None or not self.ready:
+            raise ApiError(503, "not_ready", "the model is not loaded yet", {"Retry-After": "1"})
+        return self.model
+
+    @property
+    def labels(self) -> list[str]:
+        return self.require_model().labels
+
+    @property
+    def threshold(self) -> float | None:
+        return self.require_model().manifest.verification_threshold
+
+    def model_ref(self) -> dict[str, str]:
+        m = self.require_model().manifest
+        return {"name": m.name, "version": m.version, "sha256": m.sha256}
+
+    def model_info(self) -> dict[str, Any]:
+        m = self.require_model().manifest
+        return {
+            **self.model_ref(),
+            "architecture": m.architecture,
+            "num_classes": m.num_classes,
+            "embedding_size": m.embedding_size,
+            "labels": m.labels,
+            "sample_rate": m.sample_rate,
+            "features": m.features.to_dict(),
+            "verification_threshold": m.verification_threshold,
+            "metrics": m.metrics,
+            "limits": {
+                "min_duration_s": self.settings.min_duration_s,
+                "max_duration_s": self.settings.max_duration_s,
+                "max_body_bytes": self.settings.max_body_bytes,
+                "window_s": self.settings.window_s,
+            },
+        }
+
+    # the three stages --------------------------------------------------------------------
+
+    def preprocess(self, data: bytes) -> tuple[torch.Tensor, int, int]:
+        """Bytes -> mono waveform at the model's rate, with the duration and silence checks."""
+        m = self.require_model()
+        s = self.settings
+        try:
+            audio = decode(data, max_seconds=s.max_duration_s, downmix=True)
+        except AudioTooLongError:
+            raise ApiError(413, "audio_too_long", f"audio is longer than the limit of {s.max_duration_s:g} s") from None
+        except AudioError as exc:
+            raise ApiError(415, "undecodable_audio", str(exc)) from None
+        channels, rate = audio.num_channels, audio.sample_rate
+        if audio.duration_s < s.min_duration_s:
+            raise ApiError(
+                422, "audio_too_short", f"{audio.duration_s:.3f} s of audio; at least {s.min_duration_s:g} s is needed"
+            )
+        if float(np.abs(audio.samples).max()) < s.silence_peak:
+            raise ApiError(422, "silent_audio", "the audio is silent")
+        return m.prepare(audio), rate, channels
+
+    def infer(self, wave: torch.Tensor) -> model.Inference:
+        return self.require_model().infer(wave, window_s=self.settings.window_s)
+
+    async def analyse(self, data: bytes) -> ClipResult:
+        loop = asyncio.get_running_loop()
+        wave, rate, channels = await loop.run_in_executor(self._decode_pool, self.preprocess, data)
+        result = await loop.run_in_executor(self._infer_pool, self.infer, wave)
+        m = self.require_model()
+        return ClipResult(
+            embedding=result.embedding.numpy(),
+            probabilities=result.probabilities.numpy(),
+            duration_s=wave.numel() / m.sample_rate,
+            windows=result.windows,
+            sample_rate=rate,
+            channels=channels,
+        )

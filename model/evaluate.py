@@ -1,0 +1,84 @@
+"""Evaluate a weights directory on any labelled audio folder.
+
+    python -m model.evaluate WEIGHTS_DIR DATA_DIR [--split test|val|train|all] [--json]
+
+Prints accuracy, per-class accuracy, same/different-voice EER and the confusion matrix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.data import load_waves, scan
+from model.metrics import summarise
+from model.weights import EmbeddingModel, WeightsError, load
+
+log = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def evaluate(model: EmbeddingModel, data_dir: Path, split: str = "test") -> dict[str, Any]:
+    dataset = scan(data_dir, labels=None)
+    unknown = sorted(set(dataset.labels) - set(model.labels))
+    if unknown:
+        raise ValueError(f"{data_dir}: classes the model does not know: {', '.join(unknown)}")
+    items = dataset.items if split == "all" else dataset.split(split)
+    if not items:
+        raise ValueError(f"{data_dir}: no clips in split {split!r}")
+    waves = load_waves(items, model.sample_rate, f"loading {split}")
+    labels = [model.labels.index(dataset.labels[it.label]) for it in items]
+    results = [model.infer(w) for w in waves]
+    return summarise(
+        torch.stack([r.logits for r in results]),
+        torch.stack([r.embedding for r in results]),
+        torch.tensor(labels),
+        model.labels,
+    )
+
+
+def format_report(summary: dict[str, Any], labels: list[str]) -> str:
+    eer, threshold = summary["eer"], summary["eer_threshold"]
+    eer_text = "n/a" if eer is None else f"{eer:.4f} (cosine threshold {threshold:.4f})"
+    lines = [
+        f"clips     {summary['clips']}",
+        f"accuracy  {summary['accuracy']:.4f}",
+        f"EER       {eer_text}",
+        "",
+        "per-class accuracy",
+    ]
+    for name, acc in summary["per_class_accuracy"].items():
+        lines.append(f"  {name:<28} {'n/a' if acc is None else f'{acc:.4f}'}")
+    width = max(4, *(len(str(v)) for row in summary["confusion_matrix"] for v in row))
+    lines += ["", "confusion matrix (rows: true, columns: predicted, in label order)"]
+    for name, row in zip(labels, summary["confusion_matrix"], strict=True):
+        lines.append(f"  {name:<28} " + " ".join(f"{v:>{width}}" for v in row))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("weights_dir", type=Path)
+    parser.add_argument("data_dir", type=Path)
+    parser.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        model = load(args.weights_dir)
+        summary = evaluate(model, args.data_dir, args.split)
+    except (WeightsError, ValueError) as exc:
+        log.error("error: %s", exc)
+        return 2
+    sys.stdout.write((json.dumps(summary, indent=2) if args.json else format_report(summary, model.labels)) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Make the sample clips in this folder with the project's own synthesiser (sentences not in the corpus).
+
+.venv/bin/python samples/generate.py
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.audio import resample
+from model.corpus import LABELS, VOICES, synthesise
+from model.sentences import sentences
+
+HERE = Path(__file__).resolve().parent
+TEXT = sentences(8, salt="samples")
+# file name, voice label, sentence, ffmpeg output options
+SAMPLES = [
+    ("flite-slt.wav", "flite-slt", 0, ["-ar", "16000", "-ac", "1", "-c:a", "pcm_s16le"]),
+    ("flite-slt-2.flac", "flite-slt", 1, ["-ar", "44100", "-ac", "2", "-c:a", "flac"]),
+    ("festival-ked.m4a", "festival-ked", 2, ["-ar", "44100", "-ac", "2", "-c:a", "aac", "-b:a", "96k"]),
+    ("espeak-en-us-f2.mp3", "espeak-en-us-f2", 3, ["-ar", "22050", "-ac", "1", "-c:a", "libmp3lame", "-b:a", "64k"]),
+    ("espeak-en-gb-m7.ogg", "espeak-en-gb-m7", 4, ["-ar", "48000", "-ac", "1", "-c:a", "libopus", "-b:a", "32k"]),
+    ("flite-awb-8k-mulaw.wav", "flite-awb", 5, ["-ar", "8000", "-ac", "1", "-c:a", "pcm_mulaw"]),
+]
+
+
+def main() -> None:
+    for name, label, sentence, options in SAMPLES:
+        voice = VOICES[LABELS.index(label)]
+        with tempfile.TemporaryDirectory() as tmp:
+            samples, sr = synthesise(voice, TEXT[sentence], 1.0, 0, Path(tmp))
+        wave = resample(torch.from_numpy(np.ascontiguousarray(samples)), sr, 16000)
+        wave = (wave / wave.abs().max() * 0.5).numpy().astype("<f4")
+        cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "f32le", "-ar", "16000", "-ac", "1", "-i", "-"]
+        subprocess.run([*cmd, *options, str(HERE / name)], input=wave.tobytes(), check=True)
+        print(f"{name}: {label}: {TEXT[sentence]}")
+
+
+if __name__ == "__main__":
+    main()

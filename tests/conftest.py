@@ -1,0 +1,127 @@
+"""Shared fixtures: speech made by the project's own synthesiser, encoders, and a real server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from model.audio import resample
+from model.corpus import VOICES, synthesise
+from model.sentences import sentences
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_WEIGHTS = ROOT / "weights"
+FRESH = sentences(40, salt="tests")  # never in the corpus: another salt
+
+# name -> (ffmpeg codec args, container suffix)
+FORMATS: dict[str, tuple[list[str], str]] = {
+    "wav-u8": (["-c:a", "pcm_u8"], "wav"),
+    "wav-s16": (["-c:a", "pcm_s16le"], "wav"),
+    "wav-s24": (["-c:a", "pcm_s24le"], "wav"),
+    "wav-s32": (["-c:a", "pcm_s32le"], "wav"),
+    "wav-f32": (["-c:a", "pcm_f32le"], "wav"),
+    "wav-mulaw": (["-c:a", "pcm_mulaw"], "wav"),
+    "wav-alaw": (["-c:a", "pcm_alaw"], "wav"),
+    "flac": (["-c:a", "flac"], "flac"),
+    "mp3": (["-c:a", "libmp3lame", "-b:a", "96k"], "mp3"),
+    "ogg-vorbis": (["-c:a", "libvorbis", "-q:a", "4"], "ogg"),
+    "ogg-opus": (["-c:a", "libopus", "-b:a", "32k"], "ogg"),
+    "webm-opus": (["-c:a", "libopus", "-b:a", "32k"], "webm"),
+    "m4a-aac": (["-c:a", "aac", "-b:a", "96k"], "m4a"),
+}
+
+
+@cache
+def speech(label: int, index: int = 0, rate: float = 1.0) -> torch.Tensor:
+    """Voice ``label`` saying a fresh test sentence: mono float32 at 16 kHz, peak 0.5."""
+    with tempfile.TemporaryDirectory() as tmp:
+        samples, sr = synthesise(VOICES[label], FRESH[(label * 7 + index) % len(FRESH)], rate, 0, Path(tmp))
+    wave = resample(torch.from_numpy(np.ascontiguousarray(samples)), sr, 16000)
+    return wave / wave.abs().max() * 0.5
+
+
+def encode(wave: torch.Tensor, fmt: str, rate: int = 16000, channels: int = 1, src_rate: int = 16000) -> bytes:
+    """Encode a mono waveform with ffmpeg into ``fmt`` at ``rate`` Hz with ``channels`` channels."""
+    args, suffix = FORMATS[fmt]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / f"clip.{suffix}"
+        cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "f32le", "-ar", str(src_rate), "-ac", "1"]
+        cmd += ["-i", "-", "-ar", str(rate), "-ac", str(channels), *args, str(out)]
+        subprocess.run(cmd, input=wave.numpy().astype("<f4").tobytes(), check=True, timeout=60)
+        return out.read_bytes()
+
+
+def wav_bytes(wave: torch.Tensor, rate: int = 16000) -> bytes:
+    return encode(wave, "wav-s16", rate=rate, src_rate=rate)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """A real uvicorn process on loopback."""
+
+    def __init__(self, env: dict[str, str] | None = None, weights: Path = SHIPPED_WEIGHTS) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {**os.environ, "WEIGHTS_DIR": str(weights), "TORCH_THREADS": "2", **(env or {})}
+        cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(self.port)]
+        self.log = tempfile.NamedTemporaryFile(prefix="server-", suffix=".log", delete=False)  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready in {timeout} s:\n{self.logs()}")
+
+    def logs(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        Path(self.log.name).unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[Server]:
+    srv = Server()
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=120.0) as c:
+        yield c

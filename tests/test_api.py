@@ -1,0 +1,249 @@
+"""The HTTP service through real HTTP against a real uvicorn process on the shipped weights (issue 4)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from model.corpus import LABELS
+from tests.conftest import FORMATS, Server, encode, speech, wav_bytes
+
+# format -> (sample rate, channels); a spread of odd rates and stereo
+FORMAT_CASES = {
+    "wav-u8": (11025, 1),
+    "wav-s16": (16000, 1),
+    "wav-s24": (48000, 2),
+    "wav-s32": (22050, 1),
+    "wav-f32": (44100, 2),
+    "wav-mulaw": (8000, 1),
+    "wav-alaw": (8000, 1),
+    "flac": (44100, 2),
+    "mp3": (44100, 2),
+    "ogg-vorbis": (48000, 2),
+    "ogg-opus": (48000, 1),
+    "webm-opus": (48000, 2),
+    "m4a-aac": (44100, 2),
+}
+assert set(FORMAT_CASES) == set(FORMATS)
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    x, y = np.asarray(a), np.asarray(b)
+    return float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y)))
+
+
+def post_file(client: httpx.Client, path: str, data: bytes, name: str = "clip", **params: object) -> httpx.Response:
+    return client.post(path, files={"file": (name, data)}, params=params)
+
+
+def assert_error(r: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
+    if code:
+        assert body["error"]["code"] == code
+    return body["error"]
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMAT_CASES))
+def test_every_format_decodes_and_classifies(client, fmt):
+    label = sorted(FORMAT_CASES).index(fmt) % len(LABELS)
+    rate, channels = FORMAT_CASES[fmt]
+    data = encode(speech(label), fmt, rate=rate, channels=channels)
+    r = post_file(client, "/classify", data, name=f"clip.{FORMATS[fmt][1]}")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["label"] == LABELS[label], (fmt, body["top_k"])
+    assert body["processing"]["input_sample_rate"] == rate
+    assert body["processing"]["input_channels"] == channels
+
+
+def test_stereo_aac_and_mulaw_of_one_voice_get_its_label(client):
+    wave = speech(6, index=1)
+    for data in (encode(wave, "m4a-aac", 44100, 2), encode(wave, "wav-mulaw", 8000, 1)):
+        r = client.post("/classify", content=data, headers={"Content-Type": "application/octet-stream"})
+        assert r.status_code == 200 and r.json()["label"] == LABELS[6], r.text
+
+
+def test_embed_contract_and_normalisation(client):
+    data = wav_bytes(speech(0))
+    raw = post_file(client, "/embed", data).json()
+    assert raw["dim"] == 256 and len(raw["embedding"]) == 256 and raw["normalized"] is False
+    assert set(raw["model"]) == {"name", "version", "sha256"}
+    assert abs(raw["duration_s"] - speech(0).numel() / 16000) < 0.01
+    norm = post_file(client, "/embed", data, normalize="true").json()
+    assert norm["normalized"] is True
+    assert abs(np.linalg.norm(norm["embedding"]) - 1) < 1e-5
+    assert cosine(raw["embedding"], norm["embedding"]) > 0.99999
+    # the raw body gives the same answer as the multipart upload
+    body = client.post("/embed", content=data, headers={"Content-Type": "audio/wav"}).json()
+    assert cosine(raw["embedding"], body["embedding"]) > 0.99999
+
+
+def test_classify_contract(client):
+    data = wav_bytes(speech(3))
+    body = post_file(client, "/classify", data, top_k=4, include_embedding="true").json()
+    assert list(body["probabilities"]) == LABELS
+    assert abs(sum(body["probabilities"].values()) - 1) < 1e-4
+    assert [t["score"] for t in body["top_k"]] == sorted((t["score"] for t in body["top_k"]), reverse=True)
+    assert len(body["top_k"]) == 4 and body["top_k"][0]["label"] == body["label"] == LABELS[body["index"]]
+    assert len(body["embedding"]) == 256
+    # one forward pass serves both heads: the embedding matches /embed's
+    emb = post_file(client, "/embed", data).json()["embedding"]
+    assert cosine(emb, body["embedding"]) > 0.99999
+    assert "embedding" not in post_file(client, "/classify", data).json()
+
+
+def test_verify_same_and_different_voices(client):
+    same = client.post(
+        "/verify", files={"a": ("a.wav", wav_bytes(speech(2, 0))), "b": ("b.wav", wav_bytes(speech(2, 1)))}
+    ).json()
+    diff = client.post(
+        "/verify", files={"a": ("a.wav", wav_bytes(speech(2, 0))), "b": ("b.wav", wav_bytes(speech(7, 1)))}
+    ).json()
+    threshold = client.get("/v1/model").json()["verification_threshold"]
+    assert same["threshold"] == diff["threshold"] == threshold
+    assert same["same_speaker"] is True and diff["same_speaker"] is False
+    assert same["score"] > diff["score"]
+    strict = client.post(
+        "/verify", params={"threshold": 0.9999},
+        files={"a": ("a.wav", wav_bytes(speech(2, 0))), "b": ("b.wav", wav_bytes(speech(2, 1)))},
+    ).json()  # fmt: skip
+    assert strict["threshold"] == 0.9999 and strict["same_speaker"] is False
+
+
+def test_verify_errors_name_the_bad_part(client):
+    err = assert_error(
+        client.post("/verify", files={"a": ("a.wav", b"not audio"), "b": ("b.wav", wav_bytes(speech(1)))}), 415
+    )
+    assert err["message"].startswith("a: ")
+    assert_error(client.post("/verify", files={"a": ("a.wav", wav_bytes(speech(1)))}), 400, "bad_request")
+    assert_error(client.post("/verify", params={"threshold": 2}, files={"a": ("a", b"x"), "b": ("b", b"x")}), 422)
+
+
+def test_batch_keeps_order_and_isolates_a_bad_file(client):
+    files = [
+        ("file", ("one.wav", wav_bytes(speech(0)))),
+        ("file", ("bad.wav", b"RIFF\x00\x00garbage")),
+        ("file", ("three.flac", encode(speech(5), "flac", 44100, 2))),
+    ]
+    r = client.post("/classify/batch", files=files)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["index"] for x in results] == [0, 1, 2]
+    assert [x["filename"] for x in results] == ["one.wav", "bad.wav", "three.flac"]
+    assert results[0]["result"]["label"] == LABELS[0]
+    assert results[1]["error"]["code"] == "undecodable_audio" and results[1].get("result") is None
+    assert results[2]["result"]["label"] == LABELS[5]
+    emb = client.post("/embed/batch", files=files[:1] + files[2:], params={"normalize": "true"}).json()["results"]
+    assert all(abs(np.linalg.norm(x["result"]["embedding"]) - 1) < 1e-5 for x in emb)
+    assert_error(
+        post_file(client, "/embed", wav_bytes(speech(0))) if False else client.post("/embed", files=files), 400
+    )
+
+
+def test_short_silent_long_and_oversized_audio(server):
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        assert_error(post_file(client, "/embed", wav_bytes(speech(0)[:4000])), 422, "audio_too_short")
+        assert_error(post_file(client, "/embed", wav_bytes(torch.zeros(16000))), 422, "silent_audio")
+    # a separate server with small limits, to keep the inputs small
+    small = Server(env={"MAX_DURATION_S": "12", "WINDOW_S": "4", "MAX_BODY_BYTES": "2000000"})
+    try:
+        small.wait_ready()
+        with httpx.Client(base_url=small.url, timeout=120) as client:
+            clip = speech(4)
+            long_wave = clip.repeat(int(11 * 16000 / clip.numel()) + 1)[: 11 * 16000]
+            ok = post_file(client, "/classify", wav_bytes(long_wave))
+            assert ok.status_code == 200, ok.text
+            assert ok.json()["processing"]["windows"] == 3 and ok.json()["label"] == LABELS[4]
+            too_long = torch.cat([long_wave, long_wave[: 2 * 16000]])
+            assert_error(post_file(client, "/embed", encode(too_long, "mp3")), 413, "audio_too_long")
+            big = bytes(2_100_000)
+            assert_error(client.post("/embed", content=big, headers={"Content-Type": "audio/wav"}), 413)
+
+            def chunks():  # no Content-Length: the limit is enforced while reading
+                for _ in range(30):
+                    yield bytes(100_000)
+
+            assert_error(client.post("/embed", content=chunks(), headers={"Content-Type": "audio/wav"}), 413)
+            assert client.get("/readyz").status_code == 200
+    finally:
+        small.stop()
+
+
+def test_bad_requests_get_json_4xx(client):
+    assert_error(client.post("/embed", content=b"", headers={"Content-Type": "audio/wav"}), 400)
+    assert_error(client.post("/embed", content=b"hello", headers={"Content-Type": "text/plain"}), 415)
+    assert_error(client.post("/embed", content=b"\x00" * 500, headers={"Content-Type": "audio/wav"}), 415)
+    assert_error(client.post("/embed", files={"other": ("x.wav", b"abc")}), 400)
+    assert_error(
+        client.post("/embed", content=b"--x\r\nbroken", headers={"Content-Type": "multipart/form-data; boundary=x"}),
+        400,
+    )
+    assert_error(post_file(client, "/embed", wav_bytes(speech(0)), normalize="maybe"), 422, "invalid_parameters")
+    assert_error(post_file(client, "/classify", wav_bytes(speech(0)), top_k=0), 422)
+    assert_error(client.get("/nowhere"), 404)
+    assert_error(client.get("/embed"), 405)
+
+
+def test_health_ready_model_and_openapi(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ready"}
+    info = client.get("/v1/model").json()
+    assert info["labels"] == LABELS and info["embedding_size"] == 256 and info["architecture"] == "resnet18"
+    assert info["features"]["n_mels"] == 80 and len(info["sha256"]) == 64
+    assert -1 <= info["verification_threshold"] <= 1
+    spec = client.get("/openapi.json").json()
+    for path in (
+        "/embed",
+        "/classify",
+        "/verify",
+        "/embed/batch",
+        "/classify/batch",
+        "/healthz",
+        "/readyz",
+        "/v1/model",
+    ):
+        assert path in spec["paths"], path
+    content = spec["paths"]["/embed"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "audio/*", "application/octet-stream"} <= set(content)
+    assert "EmbedResponse" in spec["components"]["schemas"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_request_id_is_honoured_and_returned(client):
+    r = client.get("/healthz", headers={"X-Request-ID": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    assert len(client.get("/healthz").headers["x-request-id"]) >= 16
+
+
+def test_same_clip_same_embedding_under_concurrent_load(client, server):
+    clips = [wav_bytes(speech(i)) for i in range(4)]
+    alone = [post_file(client, "/embed", c).json()["embedding"] for c in clips]
+
+    def call(i: int) -> tuple[int, list[float]]:
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            return i % 4, post_file(c, "/embed", clips[i % 4]).json()["embedding"]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(call, range(16)))
+    for i, emb in results:
+        assert cosine(alone[i], emb) >= 0.9999
+
+
+def test_readyz_is_503_until_the_model_is_loaded(tmp_path):
+    """A server whose weights are refused never reports ready and exits with the reason."""
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 1}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    bad = Server(weights=tmp_path)
+    try:
+        bad.proc.wait(timeout=60)
+        assert bad.proc.returncode != 0
+        assert "missing fields" in bad.logs()
+    finally:
+        bad.stop()
