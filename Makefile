@@ -46,7 +46,7 @@ lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/mypy model app
 
 serve: $(STAMP) ## start the service on the shipped weights (PORT=8000)
-	WEIGHTS_DIR=$(WEIGHTS_DIR) $(VENV)/bin/uvicorn app.main:app --host $(HOST) --port $(PORT) --workers 1
+	WEIGHTS_DIR=$(WEIGHTS_DIR) HOST=$(HOST) PORT=$(PORT) $(PY) -m app
 
 corpus: $(STAMP) system-deps ## synthesise the 9-voice corpus into $(DATA)
 	$(PY) -m model.corpus $(DATA) --per-voice $(PER_VOICE) --seed $(SEED)

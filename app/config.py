@@ -24,7 +24,14 @@ class Settings(BaseSettings):
     max_files: int = Field(default=16, ge=1, description="files per batch request")
     window_s: float = Field(default=20.0, gt=1.0, description="long clips are averaged over windows this long")
     silence_peak: float = Field(default=1e-4, ge=0, description="clips whose peak is below this are silent")
+    max_pending: int = Field(default=32, ge=1, description="clips admitted at once; beyond it: 503 + Retry-After")
+    api_keys: str = Field(default="", description="comma-separated bearer keys; empty: no authentication")
+    graceful_timeout_s: int = Field(default=30, ge=0, description="how long SIGTERM waits for in-flight work")
     log_level: str = "INFO"
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
 
 
 @lru_cache

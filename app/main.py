@@ -1,52 +1,99 @@
-"""The FastAPI application: ``uvicorn app.main:app``."""
+"""The FastAPI application: ``uvicorn app.main:app`` (or ``python -m app``)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import torch
 from fastapi import FastAPI
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from app import errors
 from app.config import Settings, get_settings
-from app.middleware import RequestContext, request_id_var
+from app.metrics import Metrics
+from app.middleware import ApiKeyAuth, RequestContext, request_id_var
 from app.routes import health, inference
 from app.service import InferenceService
 
 log = logging.getLogger(__name__)
 
 
-class RequestIdFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id_var.get()
-        return True
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, carrying the request id."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "request_id": request_id_var.get(),
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
 
 
 def configure_logging(level: str) -> None:
     handler = logging.StreamHandler()
-    handler.addFilter(RequestIdFilter())
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    handler.setFormatter(JsonFormatter())
+    for name in ("", "uvicorn", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler] if name == "" else []
+        logger.propagate = name != ""
+    logging.getLogger("uvicorn.access").disabled = True  # RequestContext logs each request once
+    logging.getLogger().setLevel(level.upper())
+
+
+def torch_threads_from_cgroup() -> int | None:
+    """The container's CPU quota (cgroup v2 ``cpu.max``), rounded up, if one is set."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    return max(1, -(-int(quota) // int(period)))
 
 
 def configure_torch(threads: int | None) -> int:
-    n = threads or os.cpu_count() or 1
+    n = threads or torch_threads_from_cgroup() or os.cpu_count() or 1
     torch.set_num_threads(n)
     with contextlib.suppress(RuntimeError):  # already set in this process
         torch.set_num_interop_threads(1)
     return n
 
 
+def on_sigterm_report_not_ready(service: InferenceService) -> None:
+    """Chain onto the server's SIGTERM handler: readiness goes to 503 first, then the server
+    stops accepting connections and waits for in-flight requests."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if not callable(previous):
+        return
+
+    def handler(sig: int, frame: FrameType | None) -> None:
+        service.stop_accepting()
+        previous(sig, frame)
+
+    with contextlib.suppress(ValueError):  # not the main thread (e.g. in-process test servers)
+        signal.signal(signal.SIGTERM, handler)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    service = InferenceService(settings)
+    metrics = Metrics()
+    service = InferenceService(settings, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -54,10 +101,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         threads = configure_torch(settings.torch_threads)
         log.info("loading %s with %d torch threads", settings.weights_dir, threads)
         await run_in_threadpool(service.load, settings.weights_dir)
+        on_sigterm_report_not_ready(service)
         try:
             yield
         finally:
+            service.stop_accepting()
             service.close()
+            log.info("stopped")
 
     app = FastAPI(
         title="voice-embed",
@@ -70,7 +120,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(health.router)
     app.include_router(inference.router)
-    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(ApiKeyAuth, keys=settings.api_key_list)
+    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, metrics=metrics)
     return app
 
 

@@ -1,7 +1,9 @@
-"""Pure ASGI middleware: request ids, the body-size limit enforced while reading, access logs."""
+"""Pure ASGI middleware: request ids, the body-size limit enforced while reading, metrics, access
+logs, and optional bearer API keys."""
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import re
@@ -12,6 +14,7 @@ from contextvars import ContextVar
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import ApiError, error_body
+from app.metrics import Metrics
 
 log = logging.getLogger("app.access")
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
@@ -28,9 +31,10 @@ class RequestContext:
     over ``max_body_bytes`` (by Content-Length up front, and by counting while streaming), and
     writes one access-log line per request."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: Metrics) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -56,7 +60,7 @@ class RequestContext:
             early = self._check_length(headers.get("content-length"))
             if early is not None:
                 status_code, code, text = early
-                await self._reply(send_with_id, status_code, code, text)
+                await reply(send_with_id, status_code, code, text)
                 return
             received = 0
 
@@ -71,13 +75,12 @@ class RequestContext:
 
             await self.app(scope, counted_receive, send_with_id)
         finally:
-            log.info(
-                "%s %s %d %.1fms",
-                scope.get("method", "-"),
-                scope.get("path", "-"),
-                status,
-                (time.perf_counter() - started) * 1000,
-            )
+            elapsed = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", "unmatched")
+            method = scope.get("method", "-")
+            self.metrics.requests.labels(method=method, route=route, status=str(status)).inc()
+            self.metrics.latency.labels(route=route).observe(elapsed)
+            log.info("%s %s %d %.1fms", method, scope.get("path", "-"), status, elapsed * 1000)
             request_id_var.reset(token)
 
     def _check_length(self, value: str | None) -> tuple[int, str, str] | None:
@@ -89,14 +92,34 @@ class RequestContext:
             return 413, "body_too_large", f"request body larger than {self.max_body_bytes} bytes"
         return None
 
-    @staticmethod
-    async def _reply(send: Send, status: int, code: str, text: str) -> None:
-        body = json.dumps(error_body(code, text)).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+
+async def reply(send: Send, status: int, code: str, text: str, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = json.dumps(error_body(code, text)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers + (extra or [])})
+    await send({"type": "http.response.body", "body": body})
+
+
+class ApiKeyAuth:
+    """When keys are configured, every path but the probes and /metrics needs ``Authorization:
+    Bearer <key>``; keys are compared in constant time."""
+
+    OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys or scope.get("path") in self.OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        ok = False
+        for key in self.keys:  # no early exit: timing does not tell which key matched
+            ok |= hmac.compare_digest(token.strip(), key)
+        if scheme.lower() != b"bearer" or not ok:
+            await reply(send, 401, "unauthorized", "missing or invalid API key", [(b"www-authenticate", b"Bearer")])
+            return
+        await self.app(scope, receive, send)

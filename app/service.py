@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ import torch
 import model
 from app.config import Settings
 from app.errors import ApiError
+from app.metrics import Metrics
 from model.audio import AudioError, AudioTooLongError, decode
 
 log = logging.getLogger(__name__)
@@ -37,10 +40,13 @@ class ClipResult:
 
 
 class InferenceService:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.model: model.EmbeddingModel | None = None
         self.ready = False
+        self.draining = False
+        self.pending = 0
         self._decode_pool = ThreadPoolExecutor(2, thread_name_prefix="decode")
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer")
 
@@ -54,6 +60,8 @@ class InferenceService:
         for _ in range(2):  # warm-up: first calls pay for allocator and kernel selection
             loaded.infer(wave)
         self.model = loaded
+        m = loaded.manifest
+        self.metrics.model.info({"name": m.name, "version": m.version, "sha256": m.sha256, "arch": m.architecture})
         self.ready = True
         log.info("model ready in %.2f s (%s)", time.perf_counter() - started, loaded.manifest.architecture)
 
@@ -62,10 +70,40 @@ class InferenceService:
         self._decode_pool.shutdown(wait=True, cancel_futures=True)
         self._infer_pool.shutdown(wait=True, cancel_futures=True)
 
+    def stop_accepting(self) -> None:
+        """Report not ready (load balancers stop sending) while in-flight work finishes."""
+        if not self.draining:
+            log.info("shutting down: not ready, finishing %d pending clips", self.pending)
+        self.ready = False
+        self.draining = True
+
+    # backpressure ------------------------------------------------------------------------
+
+    def check_capacity(self) -> None:
+        """Refuse new work at once, before reading the body, when shutting down or when the
+        waiting work is at its bound."""
+        if self.draining:
+            raise ApiError(503, "shutting_down", "this replica is shutting down; retry", {"Retry-After": "1"})
+        if self.pending >= self.settings.max_pending:
+            self.metrics.rejected.inc()
+            raise ApiError(503, "overloaded", "the server is at capacity; retry shortly", {"Retry-After": "1"})
+
+    @asynccontextmanager
+    async def admitted(self, clips: int) -> AsyncIterator[None]:
+        self.check_capacity()
+        self.pending += clips
+        self.metrics.pending.set(self.pending)
+        self.metrics.batch_size.observe(clips)
+        try:
+            yield
+        finally:
+            self.pending -= clips
+            self.metrics.pending.set(self.pending)
+
     # info --------------------------------------------------------------------------------
 
     def require_model(self) -> model.EmbeddingModel:
-        if self.model is None or not self.ready:
+        if self.model is None:
             raise ApiError(503, "not_ready", "the model is not loaded yet", {"Retry-After": "1"})
         return self.model
 
@@ -127,9 +165,15 @@ class InferenceService:
 
     async def analyse(self, data: bytes) -> ClipResult:
         loop = asyncio.get_running_loop()
-        wave, rate, channels = await loop.run_in_executor(self._decode_pool, self.preprocess, data)
+        try:
+            wave, rate, channels = await loop.run_in_executor(self._decode_pool, self.preprocess, data)
+        except ApiError as exc:
+            self.metrics.clips.labels(outcome=exc.code).inc()
+            raise
         result = await loop.run_in_executor(self._infer_pool, self.infer, wave)
         m = self.require_model()
+        self.metrics.clips.labels(outcome="ok").inc()
+        self.metrics.audio_seconds.inc(wave.numel() / m.sample_rate)
         return ClipResult(
             embedding=result.embedding.numpy(),
             probabilities=result.probabilities.numpy(),

@@ -79,8 +79,15 @@ class Server:
     def __init__(self, env: dict[str, str] | None = None, weights: Path = SHIPPED_WEIGHTS) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        full_env = {**os.environ, "WEIGHTS_DIR": str(weights), "TORCH_THREADS": "2", **(env or {})}
-        cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(self.port)]
+        full_env = {
+            **os.environ,
+            "WEIGHTS_DIR": str(weights),
+            "TORCH_THREADS": "2",
+            "HOST": "127.0.0.1",
+            "PORT": str(self.port),
+            **(env or {}),
+        }
+        cmd = [sys.executable, "-m", "app"]
         self.log = tempfile.NamedTemporaryFile(prefix="server-", suffix=".log", delete=False)  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
 

@@ -95,10 +95,12 @@ def classify_result(service: InferenceService, clip: ClipResult, top_k: int, inc
 
 async def single(request: Request, service: InferenceService, max_files: int) -> ClipResult:
     service.require_model()
+    service.check_capacity()
     uploads = await read_audio(request, max_files)
     if len(uploads) > 1:
         raise bad_request(f"{len(uploads)} files sent to a single-clip endpoint; use {request.url.path}/batch")
-    return await service.analyse(uploads[0].data)
+    async with service.admitted(1):
+        return await service.analyse(uploads[0].data)
 
 
 async def batch(service: InferenceService, uploads: list[Upload]) -> list[ClipResult | ApiError]:
@@ -108,7 +110,8 @@ async def batch(service: InferenceService, uploads: list[Upload]) -> list[ClipRe
         except ApiError as exc:
             return exc
 
-    return list(await asyncio.gather(*(one(u) for u in uploads)))
+    async with service.admitted(len(uploads)):
+        return list(await asyncio.gather(*(one(u) for u in uploads)))
 
 
 def batch_response(
@@ -198,6 +201,7 @@ def require_multipart(request: Request, what: str) -> None:
 
 async def read_batch(request: Request, service: InferenceService, max_files: int) -> list[Upload]:
     service.require_model()
+    service.check_capacity()
     require_multipart(request, "repeated 'file' parts")
     uploads = (await read_form_files(request, ["file"], max_files))["file"]
     if not uploads:
@@ -228,6 +232,7 @@ async def verify(
     ] = None,
 ) -> Any:
     service.require_model()
+    service.check_capacity()
     require_multipart(request, "file parts 'a' and 'b'")
     found = await read_form_files(request, ["a", "b"], 2)
     for name in ("a", "b"):
@@ -236,7 +241,8 @@ async def verify(
     chosen = threshold if threshold is not None else service.threshold
     if chosen is None:
         raise ApiError(422, "invalid_parameters", "these weights have no calibrated threshold; pass ?threshold=")
-    a, b = await asyncio.gather(*(analyse_named(service, name, found[name][0]) for name in ("a", "b")))
+    async with service.admitted(2):
+        a, b = await asyncio.gather(*(analyse_named(service, name, found[name][0]) for name in ("a", "b")))
     score = float(np.dot(l2_normalize(a.embedding), l2_normalize(b.embedding)))
     return {
         "score": score,

@@ -1,0 +1,27 @@
+"""Prometheus metrics (prometheus-client), one registry per app instance."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "voice_embed_requests", "HTTP requests by route and status", ["method", "route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "voice_embed_request_duration_seconds", "request latency", ["route"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.audio_seconds = Counter("voice_embed_audio_seconds", "seconds of audio processed", registry=r)
+        self.clips = Counter("voice_embed_clips", "clips analysed, by outcome", ["outcome"], registry=r)
+        self.pending = Gauge("voice_embed_pending_clips", "clips admitted and not yet finished", registry=r)
+        self.rejected = Counter("voice_embed_overload_rejections", "requests refused with 503 (queue full)", registry=r)
+        self.batch_size = Histogram(
+            "voice_embed_batch_size", "clips per request", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
+        )
+        self.model = Info("voice_embed_model", "the loaded model", registry=r)
