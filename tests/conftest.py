@@ -76,8 +76,10 @@ def free_port() -> int:
 class Server:
     """A real uvicorn process on loopback."""
 
-    def __init__(self, env: dict[str, str] | None = None, weights: Path = SHIPPED_WEIGHTS) -> None:
-        self.port = free_port()
+    def __init__(
+        self, env: dict[str, str] | None = None, weights: Path = SHIPPED_WEIGHTS, port: int | None = None
+    ) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {
             **os.environ,

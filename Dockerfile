@@ -1,0 +1,41 @@
+# syntax=docker/dockerfile:1
+# CPU-only image of the voice-embed service: one uvicorn process, the shipped weights baked in.
+#   docker build -t voice-embed .
+#   docker run -p 8000:8000 voice-embed
+#   docker run -p 8000:8000 -v /path/to/my_weights:/weights:ro -e WEIGHTS_DIR=/weights voice-embed
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_VERSION=2.9.1
+ARG TORCHAUDIO_VERSION=2.9.1
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+# CPU wheels of torch and torchaudio first: the biggest layer, rebuilt only when these change.
+RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" "torchaudio==${TORCHAUDIO_VERSION}"
+# The other dependencies, from pyproject.toml, before any code is copied.
+COPY pyproject.toml README.md /src/
+RUN python3 -c "import tomllib; deps = tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d for d in deps if not d.startswith(('torch', 'torchaudio'))))" > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt
+COPY model /src/model
+COPY app /src/app
+RUN pip install --no-deps /src
+
+FROM ${PYTHON_IMAGE} AS runtime
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOST=0.0.0.0 \
+    PORT=8000 \
+    WEIGHTS_DIR=/opt/voice-embed/weights
+RUN groupadd --system --gid 10001 app && useradd --system --uid 10001 --gid app --home-dir /nonexistent app
+COPY --from=build /opt/venv /opt/venv
+COPY weights /opt/voice-embed/weights
+USER 10001:10001
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+  CMD ["python3", "-c", "import os, sys, urllib.request; sys.exit(urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('PORT', '8000')}/readyz\", timeout=2).status != 200)"]
+STOPSIGNAL SIGTERM
+CMD ["python3", "-m", "app"]

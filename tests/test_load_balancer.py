@@ -1,0 +1,138 @@
+"""nginx (deploy/nginx/voice-embed.conf) in front of three real replicas: a steady stream of
+requests while one replica is SIGKILLed and another SIGTERMed loses nothing (issue 5)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, Server, free_port, speech, wav_bytes
+
+STREAM_S = 20.0
+CLIENTS = 3
+
+
+def nginx_config(tmp: Path, ports: list[int], listen: int) -> Path:
+    site = (ROOT / "deploy" / "nginx" / "voice-embed.conf").read_text()
+    servers = "\n".join(f"    server 127.0.0.1:{p} max_fails=1 fail_timeout=5s;" for p in ports)
+    site = re.sub(r"(upstream voice_embed \{\n    zone [^\n]*\n)(?:    server [^\n]*\n)+", rf"\g<1>{servers}\n", site)
+    site = site.replace("listen 8080;", f"listen 127.0.0.1:{listen};")
+    conf = tmp / "nginx.conf"
+    conf.write_text(
+        f"""
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+{site}
+}}
+"""
+    )
+    return conf
+
+
+@pytest.fixture()
+def nginx_bin() -> str:
+    path = shutil.which("nginx") or "/usr/sbin/nginx"
+    assert Path(path).exists(), "nginx is installed by make system-deps"
+    return path
+
+
+def served_embeds(url: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    m = re.search(r'voice_embed_requests_total\{method="POST",route="/embed",status="200"\} ([0-9.e+]+)', text)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_replica_killed_and_terminated_under_load_loses_no_request(tmp_path, nginx_bin):
+    replicas = [Server(env={"TORCH_THREADS": "1"}) for _ in range(3)]
+    proxy_port = free_port()
+    conf = nginx_config(tmp_path, [r.port for r in replicas], proxy_port)
+    nginx = None
+    restarted: Server | None = None
+    try:
+        for r in replicas:
+            r.wait_ready()
+        nginx = subprocess.Popen([nginx_bin, "-c", str(conf), "-g", "daemon off;"], stderr=subprocess.PIPE)
+        url = f"http://127.0.0.1:{proxy_port}"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        clip = wav_bytes(speech(5)[:16000])
+        reference = np.asarray(
+            httpx.post(url + "/embed", content=clip, headers={"Content-Type": "audio/wav"}, timeout=60).json()[
+                "embedding"
+            ]
+        )
+
+        outcomes: list[tuple[int, float]] = []
+        lock = threading.Lock()
+        stop = time.monotonic() + STREAM_S
+
+        def client() -> None:
+            with httpx.Client(base_url=url, timeout=60) as c:
+                while time.monotonic() < stop:
+                    try:
+                        r = c.post("/embed", content=clip, headers={"Content-Type": "audio/wav"})
+                        emb = np.asarray(r.json()["embedding"]) if r.status_code == 200 else None
+                        cos = (
+                            float(emb @ reference / np.linalg.norm(emb) / np.linalg.norm(reference))
+                            if emb is not None
+                            else 0.0
+                        )
+                        result = (r.status_code, cos)
+                    except (httpx.HTTPError, ValueError, KeyError):
+                        result = (0, 0.0)
+                    with lock:
+                        outcomes.append(result)
+
+        threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
+        for t in threads:
+            t.start()
+        time.sleep(4)
+        replicas[0].proc.send_signal(signal.SIGKILL)
+        time.sleep(3)
+        replicas[1].proc.send_signal(signal.SIGTERM)
+        time.sleep(2)
+        # bring the killed replica back on its port; nginx takes it back after fail_timeout
+        restarted = Server(env={"TORCH_THREADS": "1"}, port=replicas[0].port)
+        restarted.wait_ready()
+        for t in threads:
+            t.join()
+
+        failures = [o for o in outcomes if o[0] != 200 or o[1] < 0.9999]
+        assert len(outcomes) > 30
+        assert not failures, f"{len(failures)} of {len(outcomes)} failed: {failures[:5]}"
+        assert replicas[1].proc.wait(timeout=60) == 0  # the SIGTERMed replica drained and exited cleanly
+        # the restarted replica takes traffic again
+        before = served_embeds(restarted.url)
+        with httpx.Client(base_url=url, timeout=60) as c:
+            for _ in range(12):
+                assert c.post("/embed", content=clip, headers={"Content-Type": "audio/wav"}).status_code == 200
+        assert served_embeds(restarted.url) > before
+    finally:
+        if nginx is not None:
+            nginx.terminate()
+            nginx.wait(timeout=10)
+        for r in [*replicas, *([restarted] if restarted else [])]:
+            r.stop()
