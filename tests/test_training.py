@@ -126,8 +126,12 @@ def test_train_cli_writes_loadable_weights_report_and_resumes(tiny_corpus, tmp_p
     assert summary["clips"] == 9 and len(summary["confusion_matrix"]) == 9
 
 
-def test_shipped_weights_load_and_pass_every_check():
-    shipped = model.load(SHIPPED_WEIGHTS)
+@pytest.fixture(scope="module")
+def shipped() -> model.EmbeddingModel:
+    return model.load(SHIPPED_WEIGHTS)
+
+
+def test_shipped_weights_load_and_pass_every_check(shipped):
     assert shipped.manifest.architecture == "resnet18"
     assert shipped.labels == corpus.LABELS
     assert shipped.manifest.embedding_size == 256 and shipped.sample_rate == 16000
@@ -137,8 +141,7 @@ def test_shipped_weights_load_and_pass_every_check():
 
 
 @pytest.mark.parametrize("label", range(9))
-def test_shipped_weights_classify_fresh_sentences_of_each_voice(label):
-    shipped = model.load(SHIPPED_WEIGHTS)
+def test_shipped_weights_classify_fresh_sentences_of_each_voice(shipped, label):
     for index in range(2):
         result = shipped.infer(speech(label, index))
         assert corpus.LABELS[int(result.logits.argmax())] == corpus.LABELS[label]
