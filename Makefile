@@ -9,6 +9,7 @@ PORT ?= 8000
 HOST ?= 0.0.0.0
 WEIGHTS_DIR ?= weights
 DATA ?= data/corpus
+UNSEEN ?= data/unseen
 RUN ?= runs/resnet18
 PER_VOICE ?= 200
 SEED ?= 0
@@ -16,10 +17,10 @@ EPOCHS ?= 6
 SYSTEM_PACKAGES := flite festival festvox-kdlpc16k espeak-ng sox ffmpeg nginx
 SYSTEM_COMMANDS := flite festival espeak-ng sox ffmpeg nginx
 
-.PHONY: help venv system-deps test lint serve corpus train evaluate clean
+.PHONY: help venv system-deps test lint serve corpus corpus-unseen train evaluate clean
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +51,9 @@ serve: $(STAMP) ## start the service on the shipped weights (PORT=8000)
 
 corpus: $(STAMP) system-deps ## synthesise the 9-voice corpus into $(DATA)
 	$(PY) -m model.corpus $(DATA) --per-voice $(PER_VOICE) --seed $(SEED)
+
+corpus-unseen: $(STAMP) system-deps ## fresh sentences in recording conditions the corpus never uses
+	$(PY) -m model.corpus $(UNSEEN) --per-voice 20 --seed $(SEED) --conditions unseen
 
 train: $(STAMP) ## train ResNet18 on $(DATA), write $(RUN)/weights
 	$(PY) -m model.train --data $(DATA) --arch resnet18 --out $(RUN) --epochs $(EPOCHS) --seed $(SEED)

@@ -74,10 +74,14 @@ def _decode_container(container: av.container.InputContainer, max_seconds: float
     if not container.streams.audio:
         raise AudioError("no audio stream in input")
     stream = container.streams.audio[0]
-    if stream.channels and stream.channels > MAX_CHANNELS:
-        raise AudioError(f"{stream.channels} channels; at most {MAX_CHANNELS} are accepted")
-    if stream.sample_rate and stream.sample_rate > MAX_SAMPLE_RATE:
-        raise AudioError(f"sample rate {stream.sample_rate} Hz; at most {MAX_SAMPLE_RATE} is accepted")
+    context = stream.codec_context
+    if context is None:
+        raise AudioError("audio stream has no decoder parameters")
+    channels, rate = context.channels or 0, context.sample_rate or 0
+    if channels > MAX_CHANNELS:
+        raise AudioError(f"{channels} channels; at most {MAX_CHANNELS} are accepted")
+    if rate > MAX_SAMPLE_RATE:
+        raise AudioError(f"sample rate {rate} Hz; at most {MAX_SAMPLE_RATE} is accepted")
     # Planar float32 at the stream's own rate and layout: (channels, n) per frame.
     resampler = av.AudioResampler(format="fltp")
     chunks: list[np.ndarray] = []
@@ -107,7 +111,7 @@ def _decode_container(container: av.container.InputContainer, max_seconds: float
     samples = np.concatenate(chunks, axis=1).astype(np.float32, copy=False)
     if not np.isfinite(samples).all():
         raise AudioError("audio contains NaN or infinite samples")
-    return Audio(samples=samples, sample_rate=sample_rate, source_channels=stream.channels or 0)
+    return Audio(samples=samples, sample_rate=sample_rate, source_channels=channels)
 
 
 def to_mono(audio: Audio, sample_rate: int) -> Tensor:

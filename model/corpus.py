@@ -1,12 +1,12 @@
 """Synthesise the 9-voice speech corpus with Debian's speech synthesisers.
 
-    python -m model.corpus OUT_DIR [--per-voice N] [--seed S] [--conditions standard|unseen]
+    python -m model.corpus OUT_DIR [--per-voice N] [--seed S] [--conditions standard|unseen-noise|...]
 
 Each clip is a pure function of ``(seed, voice, index)``, so a run is reproducible and resumable:
 clips already on disk are kept. Sentences are split by sentence id, so no validation or test
-sentence is ever spoken in training. ``--conditions unseen`` makes an evaluation set of fresh
-sentences in recording conditions the standard corpus never uses (mains hum noise, very low
-codec bitrates, speaking rates outside 0.8x..1.25x).
+sentence is ever spoken in training. ``--conditions unseen-noise|unseen-codec|unseen-rate|unseen-all``
+makes an evaluation set of fresh sentences in a recording condition the standard corpus never
+uses (mains hum noise, 8 to 24 kb/s codecs, speaking rates outside 0.8x..1.25x, or all at once).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sys
 import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from multiprocessing import Pool
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -81,22 +81,22 @@ def split_of(index: int) -> str:
     return SPLIT_OF_SLOT[index % 10]
 
 
-def draw_conditions(rng: random.Random, unseen: bool) -> dict[str, Any]:
-    """Recording conditions. The standard set spans what real uploads vary in; the unseen set
-    uses a noise type, codec bitrates and speaking rates that the standard set never does."""
+UNSEEN = ("noise", "codec", "rate", "all")
+UNSEEN_CODECS = ["mp3:16k", "opus:8k", "aac:24k"]
+
+
+def draw_conditions(rng: random.Random, unseen: str = "") -> dict[str, Any]:
+    """Recording conditions. The standard set spans what real uploads vary in. An ``unseen`` set
+    then replaces one factor with values the standard set never uses: ``noise`` (mains hum),
+    ``codec`` (8 to 24 kb/s), ``rate`` (0.62x-0.72x or 1.35x-1.5x), or ``all`` of them at once,
+    with reverberation on every clip."""
     c: dict[str, Any] = {}
-    if unseen:
-        c["rate"] = rng.choice([rng.uniform(0.62, 0.72), rng.uniform(1.35, 1.5)])
-    else:
-        c["rate"] = rng.uniform(0.8, 1.25)
+    c["rate"] = rng.uniform(0.8, 1.25)
     c["pitch"] = rng.randint(-12, 12)  # espeak pitch offset around its default of 50
     c["gain_db"] = rng.uniform(-24.0, -1.0)
-    if unseen or rng.random() < 0.3:
+    if rng.random() < 0.3:
         c["reverb_rt60"] = rng.uniform(0.15, 0.7)
-    if unseen:
-        c["noise"] = "hum"
-        c["snr_db"] = rng.uniform(8.0, 25.0)
-    elif rng.random() < 0.65:
+    if rng.random() < 0.65:
         c["noise"] = rng.choice(["white", "pink", "brown"])
         c["snr_db"] = rng.uniform(5.0, 30.0)
     band = rng.random()
@@ -106,19 +106,29 @@ def draw_conditions(rng: random.Random, unseen: bool) -> dict[str, Any]:
         c["band"] = f"lowpass:{rng.randint(2800, 5500)}"
     elif band < 0.38:
         c["band"] = f"highpass:{rng.randint(150, 400)}"
-    if unseen:
-        c["codec"] = rng.choice(["mp3:16k", "opus:8k", "aac:24k"])
-    elif rng.random() < 0.35:
+    if rng.random() < 0.35:
         kind = rng.choice(["mp3", "opus", "aac"])
         kbps = {"mp3": [40, 64, 96, 128], "opus": [16, 24, 32, 48], "aac": [48, 64, 96, 128]}[kind]
         c["codec"] = f"{kind}:{rng.choice(kbps)}k"
+    if unseen in ("rate", "all"):
+        c["rate"] = rng.choice([rng.uniform(0.62, 0.72), rng.uniform(1.35, 1.5)])
+    if unseen in ("noise", "all"):
+        c["noise"] = "hum"
+        c["snr_db"] = rng.uniform(8.0, 25.0)
+    if unseen in ("codec", "all"):
+        c["codec"] = rng.choice(UNSEEN_CODECS)
+    if unseen == "all":
+        c["reverb_rt60"] = rng.uniform(0.15, 0.7)
     return c
 
 
-def plan(per_voice: int, seed: int, unseen: bool = False) -> list[Clip]:
+def plan(per_voice: int, seed: int, unseen: str = "") -> list[Clip]:
     """The whole corpus as data: which voice says which sentence under which conditions."""
-    salt = "unseen" if unseen else "corpus"
-    pool = sentences(SENTENCE_POOL if not unseen else max(per_voice * 2, 50), salt)
+    if unseen and unseen not in UNSEEN:
+        raise ValueError(f"unseen must be one of {', '.join(UNSEEN)}")
+    salt = f"unseen-{unseen}" if unseen else "corpus"
+    corpus_pool = sentences(SENTENCE_POOL, "corpus")
+    pool = sentences(max(per_voice * 2, 50), salt, exclude=corpus_pool) if unseen else corpus_pool
     by_split: dict[str, list[int]] = {}
     for sid in range(len(pool)):
         by_split.setdefault("test" if unseen else split_of(sid), []).append(sid)
@@ -247,13 +257,13 @@ def check_tools(engines: Iterable[str]) -> None:
         raise SystemExit(f"missing programs: {', '.join(missing)} (make system-deps installs them)")
 
 
-def generate(out_dir: Path, per_voice: int, seed: int, unseen: bool = False, workers: int = 2) -> list[Clip]:
+def generate(out_dir: Path, per_voice: int, seed: int, unseen: str = "", workers: int = 2) -> list[Clip]:
     check_tools({v.engine for v in VOICES} | {"ffmpeg"})
     clips = plan(per_voice, seed, unseen)
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = [(clip, out_dir, seed) for clip in clips if not (out_dir / clip.path).exists()]
     if todo:
-        with Pool(workers) as pool:
+        with get_context("spawn").Pool(workers) as pool:  # no fork: torch threads may be running
             for _ in tqdm(pool.imap_unordered(_make, todo), total=len(todo), desc="synthesising", unit="clip"):
                 pass
     with (out_dir / "manifest.jsonl").open("w") as f:
@@ -269,11 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--per-voice", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--conditions", choices=["standard", "unseen"], default="standard")
+    parser.add_argument("--conditions", choices=["standard", *(f"unseen-{u}" for u in UNSEEN)], default="standard")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    generate(args.out_dir, args.per_voice, args.seed, args.conditions == "unseen", args.workers)
+    unseen = args.conditions.removeprefix("unseen-") if args.conditions != "standard" else ""
+    generate(args.out_dir, args.per_voice, args.seed, unseen, args.workers)
     return 0
 
 

@@ -7,6 +7,7 @@ disjoint salts, so "fresh sentences" in tests never occur in the corpus.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 
 SUBJECTS = [
     "the old fisherman",
@@ -170,11 +171,14 @@ def sentence(index: int, salt: str = "corpus") -> str:
     return text[0].upper() + text[1:]
 
 
-def sentences(count: int, salt: str = "corpus") -> list[str]:
-    """``count`` distinct sentences of the stream ``salt``."""
+def sentences(count: int, salt: str = "corpus", exclude: Iterable[str] = ()) -> list[str]:
+    """``count`` distinct sentences of the stream ``salt``, none of them in ``exclude``."""
+    excluded = set(exclude)
     seen: dict[str, None] = {}
     i = 0
     while len(seen) < count:
-        seen.setdefault(sentence(i, salt), None)
+        text = sentence(i, salt)
+        if text not in excluded:
+            seen.setdefault(text, None)
         i += 1
     return list(seen)

@@ -18,6 +18,7 @@ import logging
 import math
 import platform
 import random
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -261,18 +262,17 @@ def train(data_dir: Path, out_dir: Path, cfg: TrainConfig, feature_cfg: FeatureC
     assert best is not None
     network.load_state_dict(best["network"])
     final = EmbeddingModel(network, manifest)
-    val = run_eval(final, val_waves, val_labels, cfg.eval_max_s)
     test_items = dataset.split("test")
-    test = (
-        run_eval(final, load_waves(test_items, sr, "loading test"), [it.label for it in test_items], cfg.eval_max_s)
-        if test_items
-        else val
-    )
+    if test_items:
+        test_waves = load_waves(test_items, sr, "loading test")
+        test = run_eval(final, test_waves, [it.label for it in test_items], cfg.eval_max_s)
+    else:
+        test = run_eval(final, val_waves, val_labels, cfg.eval_max_s)
     wall = time.time() - started
     metrics = {
         "best_epoch": best["epoch"],
-        "val_accuracy": val["accuracy"],
-        "val_eer": val["eer"],
+        "val_accuracy": best["val_accuracy"],
+        "val_eer": best["val_eer"],
         "test_split": "test" if test_items else "val",
         "test_accuracy": test["accuracy"],
         "test_eer": test["eer"],
@@ -281,6 +281,7 @@ def train(data_dir: Path, out_dir: Path, cfg: TrainConfig, feature_cfg: FeatureC
     provenance = {
         "name": f"voice-embed-{cfg.arch}",
         "trained_on": str(data_dir),
+        "train_command": shlex.join(["python", "-m", "model.train", *sys.argv[1:]]),
         "train_config": asdict(cfg),
         "train_clips": len(train_items),
         "train_wall_s": round(wall, 1),
@@ -296,7 +297,7 @@ def train(data_dir: Path, out_dir: Path, cfg: TrainConfig, feature_cfg: FeatureC
         architecture=cfg.arch,
         labels=labels,
         features=feature_cfg,
-        verification_threshold=None if val["eer_threshold"] is None else round(val["eer_threshold"], 4),
+        verification_threshold=None if best["val_eer_threshold"] is None else round(best["val_eer_threshold"], 4),
         provenance=provenance,
         metrics=metrics,
     )

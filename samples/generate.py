@@ -13,11 +13,11 @@ import numpy as np
 import torch
 
 from model.audio import resample
-from model.corpus import LABELS, VOICES, synthesise
+from model.corpus import LABELS, SENTENCE_POOL, VOICES, synthesise
 from model.sentences import sentences
 
 HERE = Path(__file__).resolve().parent
-TEXT = sentences(8, salt="samples")
+TEXT = sentences(8, salt="samples", exclude=sentences(SENTENCE_POOL))
 # file name, voice label, sentence, ffmpeg output options
 SAMPLES = [
     ("flite-slt.wav", "flite-slt", 0, ["-ar", "16000", "-ac", "1", "-c:a", "pcm_s16le"]),

@@ -51,15 +51,22 @@ def test_generation_is_reproducible_and_resumable(tiny_corpus, tmp_path):
     assert (tmp_path / wav.path).stat().st_mtime_ns == before
 
 
-def test_unseen_conditions_differ_from_the_standard_set():
+@pytest.mark.parametrize("unseen", ["noise", "codec", "rate", "all"])
+def test_unseen_conditions_differ_from_the_standard_set(unseen):
     standard = corpus.plan(40, seed=0)
-    unseen = corpus.plan(5, seed=0, unseen=True)
-    assert all(0.8 <= c.conditions["rate"] <= 1.25 for c in standard)
-    assert all(not 0.8 <= c.conditions["rate"] <= 1.25 for c in unseen)
-    assert {c.conditions.get("noise") for c in unseen} == {"hum"}
-    assert "hum" not in {c.conditions.get("noise") for c in standard}
-    assert not {c.conditions["codec"] for c in unseen} & {c.conditions.get("codec") for c in standard}
-    assert not {c.text for c in unseen} & {c.text for c in standard}
+    clips = corpus.plan(5, seed=0, unseen=unseen)
+    rates = [c.conditions["rate"] for c in clips]
+    if unseen in ("rate", "all"):
+        assert all(not 0.8 <= r <= 1.25 for r in rates)
+        assert all(0.8 <= c.conditions["rate"] <= 1.25 for c in standard)
+    if unseen in ("noise", "all"):
+        assert {c.conditions.get("noise") for c in clips} == {"hum"}
+        assert "hum" not in {c.conditions.get("noise") for c in standard}
+    if unseen in ("codec", "all"):
+        assert {c.conditions["codec"] for c in clips} <= set(corpus.UNSEEN_CODECS)
+        assert not set(corpus.UNSEEN_CODECS) & {c.conditions.get("codec") for c in standard}
+    assert not {c.text for c in clips} & {c.text for c in standard}
+    assert {c.split for c in clips} == {"test"}
 
 
 def test_one_training_step_lowers_the_loss(tiny_corpus):
