@@ -9,7 +9,7 @@ PORT ?= 8000
 HOST ?= 0.0.0.0
 WEIGHTS_DIR ?= weights
 DATA ?= data/corpus
-UNSEEN ?= data/unseen
+UNSEEN ?= data/unseen-all
 RUN ?= runs/resnet18
 PER_VOICE ?= 200
 SEED ?= 0
@@ -53,7 +53,7 @@ corpus: $(STAMP) system-deps ## synthesise the 9-voice corpus into $(DATA)
 	$(PY) -m model.corpus $(DATA) --per-voice $(PER_VOICE) --seed $(SEED)
 
 corpus-unseen: $(STAMP) system-deps ## fresh sentences in recording conditions the corpus never uses
-	$(PY) -m model.corpus $(UNSEEN) --per-voice 20 --seed $(SEED) --conditions unseen
+	$(PY) -m model.corpus $(UNSEEN) --per-voice 20 --seed $(SEED) --conditions unseen-all
 
 train: $(STAMP) ## train ResNet18 on $(DATA), write $(RUN)/weights
 	$(PY) -m model.train --data $(DATA) --arch resnet18 --out $(RUN) --epochs $(EPOCHS) --seed $(SEED)

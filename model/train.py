@@ -161,7 +161,16 @@ def plot_report(report_dir: Path, history: list[dict[str, Any]], test: dict[str,
     plt.close(fig)
 
 
-def train(data_dir: Path, out_dir: Path, cfg: TrainConfig, feature_cfg: FeatureConfig, resume: bool) -> Manifest:
+def train(
+    data_dir: Path,
+    out_dir: Path,
+    cfg: TrainConfig,
+    feature_cfg: FeatureConfig,
+    resume: bool,
+    stop_after: int | None = None,
+) -> Manifest:
+    """Train; ``stop_after`` ends this run after that many epochs of the schedule (``resume``
+    continues it later), so a long run can be split."""
     started = time.time()
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -194,6 +203,8 @@ def train(data_dir: Path, out_dir: Path, cfg: TrainConfig, feature_cfg: FeatureC
     ckpt_path = out_dir / "checkpoint.pt"
     if resume and ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if state["scheduler"]["total_steps"] != cfg.epochs * steps_per_epoch:
+            raise SystemExit(f"{ckpt_path}: resume with the checkpoint's --epochs and --batch-size")
         network.load_state_dict(state["network"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -258,6 +269,9 @@ def train(data_dir: Path, out_dir: Path, cfg: TrainConfig, feature_cfg: FeatureC
         if epoch + 1 - best["epoch"] >= cfg.patience:
             log.info("early stop: no validation improvement for %d epochs", cfg.patience)
             break
+        if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < cfg.epochs:
+            log.info("stopping after epoch %d as asked; --resume continues", epoch + 1)
+            break
 
     assert best is not None
     network.load_state_dict(best["network"])
@@ -315,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, required=True, help="manifest.jsonl folder or class sub-folders")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--stop-after", type=int, help="end this run after N epochs (resume later)")
     defaults = TrainConfig()
     for name, value in asdict(defaults).items():
         flag = "--" + name.replace("_", "-")
@@ -328,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = TrainConfig(**{name: getattr(args, name) for name in asdict(defaults)})
-    train(args.data, args.out, cfg, FeatureConfig(n_mels=args.n_mels), args.resume)
+    train(args.data, args.out, cfg, FeatureConfig(n_mels=args.n_mels), args.resume, args.stop_after)
     return 0
 
 

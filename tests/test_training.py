@@ -21,13 +21,13 @@ from tests.conftest import SHIPPED_WEIGHTS, speech
 @pytest.fixture(scope="module")
 def tiny_corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("corpus")
-    corpus.generate(out, per_voice=10, seed=3)
+    corpus.generate(out, per_voice=20, seed=3)
     return out
 
 
 def test_generator_writes_every_voice_with_disjoint_sentence_splits(tiny_corpus):
     rows = [json.loads(line) for line in (tiny_corpus / "manifest.jsonl").read_text().splitlines()]
-    assert len(rows) == 90
+    assert len(rows) == 180
     assert json.loads((tiny_corpus / "labels.json").read_text()) == corpus.LABELS
     assert {r["label"] for r in rows} == set(range(9))
     by_split: dict[str, set[int]] = {}
@@ -41,8 +41,8 @@ def test_generator_writes_every_voice_with_disjoint_sentence_splits(tiny_corpus)
 
 
 def test_generation_is_reproducible_and_resumable(tiny_corpus, tmp_path):
-    clips = corpus.plan(10, seed=3)
-    assert clips == corpus.plan(10, seed=3)
+    clips = corpus.plan(20, seed=3)
+    assert clips == corpus.plan(20, seed=3)
     wav = next(c for c in clips if c.path.endswith(".wav"))
     corpus.make_clip(wav, tmp_path, seed=3)
     assert (tmp_path / wav.path).read_bytes() == (tiny_corpus / wav.path).read_bytes()
@@ -111,10 +111,11 @@ def test_training_features_equal_serving_features(tiny_corpus):
 
 
 def test_train_cli_writes_loadable_weights_report_and_resumes(tiny_corpus, tmp_path):
-    cfg = TrainConfig(epochs=1, batch_size=12, crop_s=0.5, patience=5)
-    train(tiny_corpus, tmp_path, cfg, FeatureConfig(), resume=False)
-    cfg2 = TrainConfig(epochs=2, batch_size=12, crop_s=0.5, patience=5)
-    manifest = train(tiny_corpus, tmp_path, cfg2, FeatureConfig(), resume=True)
+    cfg = TrainConfig(epochs=2, batch_size=12, crop_s=0.5, patience=5)
+    train(tiny_corpus, tmp_path, cfg, FeatureConfig(), resume=False, stop_after=1)  # an interrupted run
+    first = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert [h["epoch"] for h in first["history"]] == [1]
+    manifest = train(tiny_corpus, tmp_path, cfg, FeatureConfig(), resume=True)
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert [h["epoch"] for h in summary["history"]] == [1, 2]
     assert (tmp_path / "report" / "curves.png").stat().st_size > 1000
@@ -130,7 +131,7 @@ def test_train_cli_writes_loadable_weights_report_and_resumes(tiny_corpus, tmp_p
     with torch.inference_mode():
         assert torch.equal(loaded.network(x)[1], again.network(x)[1])
     summary = evaluate(loaded, tiny_corpus, "test")
-    assert summary["clips"] == 9 and len(summary["confusion_matrix"]) == 9
+    assert summary["clips"] == 18 and len(summary["confusion_matrix"]) == 9
 
 
 @pytest.fixture(scope="module")
