@@ -215,17 +215,24 @@ def degrade(wave: torch.Tensor, sr: int, c: dict[str, Any], gen: torch.Generator
     return wave.clamp(-1.0, 1.0), sr
 
 
-def encode(wave: torch.Tensor, sr: int, codec: str, out: Path) -> None:
-    """Write with ffmpeg: 16-bit WAV, or a lossy codec at a bitrate (``mp3:64k``)."""
-    kind, _, rate = codec.partition(":")
-    args = {
-        "wav": ["-c:a", "pcm_s16le"],
-        "mp3": ["-c:a", "libmp3lame", "-b:a", rate],
-        "opus": ["-c:a", "libopus", "-b:a", rate],
-        "aac": ["-c:a", "aac", "-b:a", rate],
-    }[kind]
+CODEC_OPTIONS = {
+    "wav": ["-c:a", "pcm_s16le"],
+    "mp3": ["-c:a", "libmp3lame"],
+    "opus": ["-c:a", "libopus"],
+    "aac": ["-c:a", "aac"],
+}
+
+
+def ffmpeg_write(wave: torch.Tensor, sr: int, out: Path, options: list[str]) -> None:
+    """Pipe a mono float32 waveform through ffmpeg into ``out`` with output ``options``."""
     cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "f32le", "-ar", str(sr), "-ac", "1", "-i", "-"]
-    subprocess.run(cmd + args + [str(out)], input=wave.numpy().astype("<f4").tobytes(), check=True, timeout=120)
+    subprocess.run([*cmd, *options, str(out)], input=wave.numpy().astype("<f4").tobytes(), check=True, timeout=120)
+
+
+def encode(wave: torch.Tensor, sr: int, codec: str, out: Path) -> None:
+    """Write 16-bit WAV, or a lossy codec at a bitrate (``mp3:64k``)."""
+    kind, _, rate = codec.partition(":")
+    ffmpeg_write(wave, sr, out, CODEC_OPTIONS[kind] + (["-b:a", rate] if rate else []))
 
 
 def make_clip(clip: Clip, out_dir: Path, seed: int) -> None:

@@ -26,7 +26,7 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from model.audio import Audio, to_mono
 from model.features import FeatureConfig, LogMelSpectrogram
-from model.resnet import ARCHITECTURES, ResNet, build
+from model.resnet import ARCHITECTURES, BasicBlock, ResNet, build
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def load_state_dict_into(network: ResNet, state_dict: Mapping[str, Tensor], sour
 
 
 def _is_basic(network: ResNet, key: str) -> bool:
-    return ".shortcut." in key and type(network.layer1[0]).__name__ == "BasicBlock"
+    return ".shortcut." in key and isinstance(network.layer1[0], BasicBlock)
 
 
 def _first(items: list[str], n: int = 3) -> str:

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 import torch
 
 from model.audio import resample
-from model.corpus import LABELS, SENTENCE_POOL, VOICES, synthesise
+from model.corpus import LABELS, SENTENCE_POOL, VOICES, ffmpeg_write, synthesise
 from model.sentences import sentences
 
 HERE = Path(__file__).resolve().parent
@@ -35,9 +34,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             samples, sr = synthesise(voice, TEXT[sentence], 1.0, 0, Path(tmp))
         wave = resample(torch.from_numpy(np.ascontiguousarray(samples)), sr, 16000)
-        wave = (wave / wave.abs().max() * 0.5).numpy().astype("<f4")
-        cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "f32le", "-ar", "16000", "-ac", "1", "-i", "-"]
-        subprocess.run([*cmd, *options, str(HERE / name)], input=wave.tobytes(), check=True)
+        ffmpeg_write(wave / wave.abs().max() * 0.5, 16000, HERE / name, options)
         print(f"{name}: {label}: {TEXT[sentence]}")
 
 

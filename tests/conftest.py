@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from model.audio import resample
-from model.corpus import SENTENCE_POOL, VOICES, synthesise
+from model.corpus import SENTENCE_POOL, VOICES, ffmpeg_write, synthesise
 from model.sentences import sentences
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,9 +57,7 @@ def encode(wave: torch.Tensor, fmt: str, rate: int = 16000, channels: int = 1, s
     args, suffix = FORMATS[fmt]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"clip.{suffix}"
-        cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "f32le", "-ar", str(src_rate), "-ac", "1"]
-        cmd += ["-i", "-", "-ar", str(rate), "-ac", str(channels), *args, str(out)]
-        subprocess.run(cmd, input=wave.numpy().astype("<f4").tobytes(), check=True, timeout=60)
+        ffmpeg_write(wave, src_rate, out, ["-ar", str(rate), "-ac", str(channels), *args])
         return out.read_bytes()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import numpy as np
@@ -115,7 +116,10 @@ async def batch(service: InferenceService, uploads: list[Upload]) -> list[ClipRe
 
 
 def batch_response(
-    service: InferenceService, uploads: list[Upload], results: list[ClipResult | ApiError], format_one: Any
+    service: InferenceService,
+    uploads: list[Upload],
+    results: list[ClipResult | ApiError],
+    format_one: Callable[[ClipResult], dict[str, Any]],
 ) -> dict[str, Any]:
     items = []
     for i, (upload, res) in enumerate(zip(uploads, results, strict=True)):
@@ -169,9 +173,7 @@ async def classify(
 async def embed_batch(
     request: Request, service: ServiceDep, settings: SettingsDep, normalize: Normalize = False
 ) -> Any:
-    uploads = await read_batch(request, service, settings.max_files)
-    results = await batch(service, uploads)
-    return batch_response(service, uploads, results, lambda c: embed_result(service, c, normalize))
+    return await run_batch(request, service, settings.max_files, lambda c: embed_result(service, c, normalize))
 
 
 @router.post(
@@ -188,10 +190,11 @@ async def classify_batch(
     top_k: TopK = 3,
     include_embedding: IncludeEmbedding = False,
 ) -> Any:
-    uploads = await read_batch(request, service, settings.max_files)
-    results = await batch(service, uploads)
-    fmt = lambda c: {k: v for k, v in classify_result(service, c, top_k, include_embedding).items() if v is not None}  # noqa: E731
-    return batch_response(service, uploads, results, fmt)
+    def format_one(clip: ClipResult) -> dict[str, Any]:
+        result = classify_result(service, clip, top_k, include_embedding)
+        return {k: v for k, v in result.items() if v is not None}
+
+    return await run_batch(request, service, settings.max_files, format_one)
 
 
 def require_multipart(request: Request, what: str) -> None:
@@ -199,14 +202,17 @@ def require_multipart(request: Request, what: str) -> None:
         raise ApiError(415, "unsupported_media", f"this endpoint takes multipart/form-data with {what}")
 
 
-async def read_batch(request: Request, service: InferenceService, max_files: int) -> list[Upload]:
+async def run_batch(
+    request: Request, service: InferenceService, max_files: int, format_one: Callable[[ClipResult], dict[str, Any]]
+) -> dict[str, Any]:
+    """Read repeated 'file' parts, analyse them together, answer in upload order."""
     service.require_model()
     service.check_capacity()
     require_multipart(request, "repeated 'file' parts")
     uploads = (await read_form_files(request, ["file"], max_files))["file"]
     if not uploads:
         raise bad_request("multipart body has no 'file' parts")
-    return uploads
+    return batch_response(service, uploads, await batch(service, uploads), format_one)
 
 
 async def analyse_named(service: InferenceService, name: str, upload: Upload) -> ClipResult:
