@@ -6,7 +6,8 @@ Each clip is a pure function of ``(seed, voice, index)``, so a run is reproducib
 clips already on disk are kept. Sentences are split by sentence id, so no validation or test
 sentence is ever spoken in training. ``--conditions unseen-noise|unseen-codec|unseen-rate|unseen-all``
 makes an evaluation set of fresh sentences in a recording condition the standard corpus never
-uses (mains hum noise, 8 to 24 kb/s codecs, speaking rates outside 0.8x..1.25x, or all at once).
+uses (mains hum noise, codec bitrates below the corpus's lowest, speaking rates outside 0.8x..1.25x,
+or all at once).
 """
 
 from __future__ import annotations
@@ -82,14 +83,17 @@ def split_of(index: int) -> str:
 
 
 UNSEEN = ("noise", "codec", "rate", "all")
+# Lossy codecs in the standard set go down to low-bitrate VoIP and streaming settings; the unseen
+# set uses only bitrates below each codec's lowest standard one.
+CODEC_KBPS = {"mp3": [24, 32, 48, 64, 96, 128], "opus": [12, 16, 24, 32, 48], "aac": [32, 48, 64, 96, 128]}
 UNSEEN_CODECS = ["mp3:16k", "opus:8k", "aac:24k"]
 
 
 def draw_conditions(rng: random.Random, unseen: str = "") -> dict[str, Any]:
     """Recording conditions. The standard set spans what real uploads vary in. An ``unseen`` set
     then replaces one factor with values the standard set never uses: ``noise`` (mains hum),
-    ``codec`` (8 to 24 kb/s), ``rate`` (0.62x-0.72x or 1.35x-1.5x), or ``all`` of them at once,
-    with reverberation on every clip."""
+    ``codec`` (bitrates below each codec's lowest standard one), ``rate`` (0.62x-0.72x or
+    1.35x-1.5x), or ``all`` of them at once, with reverberation on every clip."""
     c: dict[str, Any] = {}
     c["rate"] = rng.uniform(0.8, 1.25)
     c["pitch"] = rng.randint(-12, 12)  # espeak pitch offset around its default of 50
@@ -106,10 +110,9 @@ def draw_conditions(rng: random.Random, unseen: str = "") -> dict[str, Any]:
         c["band"] = f"lowpass:{rng.randint(2800, 5500)}"
     elif band < 0.38:
         c["band"] = f"highpass:{rng.randint(150, 400)}"
-    if rng.random() < 0.35:
+    if rng.random() < 0.45:
         kind = rng.choice(["mp3", "opus", "aac"])
-        kbps = {"mp3": [40, 64, 96, 128], "opus": [16, 24, 32, 48], "aac": [48, 64, 96, 128]}[kind]
-        c["codec"] = f"{kind}:{rng.choice(kbps)}k"
+        c["codec"] = f"{kind}:{rng.choice(CODEC_KBPS[kind])}k"
     if unseen in ("rate", "all"):
         c["rate"] = rng.choice([rng.uniform(0.62, 0.72), rng.uniform(1.35, 1.5)])
     if unseen in ("noise", "all"):
