@@ -17,7 +17,7 @@ EPOCHS ?= 6
 SYSTEM_PACKAGES := flite festival festvox-kdlpc16k espeak-ng sox ffmpeg nginx
 SYSTEM_COMMANDS := flite festival espeak-ng sox ffmpeg nginx
 
-.PHONY: help venv system-deps test lint serve corpus corpus-unseen train evaluate clean
+.PHONY: help venv system-deps test lint serve corpus corpus-unseen train evaluate bench soak image clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -42,9 +42,9 @@ test: $(STAMP) system-deps ## run the whole test suite
 	$(PY) -m pytest
 
 lint: $(STAMP) ## ruff and mypy
-	$(VENV)/bin/ruff check model app tests
-	$(VENV)/bin/ruff format --check model app
-	$(VENV)/bin/mypy model app
+	$(VENV)/bin/ruff check model app bench tests
+	$(VENV)/bin/ruff format --check model app bench
+	$(VENV)/bin/mypy model app bench
 
 serve: $(STAMP) ## start the service on the shipped weights (PORT=8000)
 	WEIGHTS_DIR=$(WEIGHTS_DIR) HOST=$(HOST) PORT=$(PORT) $(PY) -m app
@@ -60,6 +60,15 @@ train: $(STAMP) ## train ResNet18 on $(DATA), write $(RUN)/weights
 
 evaluate: $(STAMP) ## evaluate $(WEIGHTS_DIR) on the test split of $(DATA)
 	$(PY) -m model.evaluate $(WEIGHTS_DIR) $(DATA) --split test
+
+bench: $(STAMP) system-deps ## service vs model-only, naive baseline and hardware ceilings, in one run
+	$(PY) -m bench.run
+
+soak: $(STAMP) system-deps ## RSS after 5,000 requests of mixed lengths vs after warm-up
+	$(PY) -m bench.soak
+
+image: ## build the Dockerfile with buildah, start it, check user, health and /embed (root)
+	deploy/build-image.sh
 
 clean: ## remove caches (keeps .venv and data)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build *.egg-info

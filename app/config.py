@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -22,6 +23,12 @@ class Settings(BaseSettings):
     max_duration_s: float = Field(default=600.0, gt=0)
     max_body_bytes: int = Field(default=100 * 1024 * 1024, ge=1024)
     max_files: int = Field(default=16, ge=1, description="files per batch request")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="auto: bf16 where the CPU has native bf16 (AVX512-BF16/AMX), else fp32"
+    )
+    channels_last: bool = Field(default=True, description="channels-last memory layout for the network")
+    batch_clips: int = Field(default=8, ge=1, description="queued clips the inference worker takes at once")
+    batch_windows: int = Field(default=4, ge=1, description="equal-length windows per forward pass")
     window_s: float = Field(default=20.0, gt=1.0, description="long clips are averaged over windows this long")
     silence_peak: float = Field(default=1e-4, ge=0, description="clips whose peak is below this are silent")
     max_pending: int = Field(default=32, ge=1, description="clips admitted at once; beyond it: 503 + Retry-After")

@@ -24,4 +24,10 @@ class Metrics:
         self.batch_size = Histogram(
             "voice_embed_batch_size", "clips per request", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
         )
+        self.infer_batch = Histogram(
+            "voice_embed_inference_batch_clips",
+            "clips taken together by the inference worker",
+            buckets=(1, 2, 4, 8, 16, 32),
+            registry=r,
+        )
         self.model = Info("voice_embed_model", "the loaded model", registry=r)

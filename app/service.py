@@ -24,6 +24,7 @@ import model
 from app.config import Settings
 from app.errors import ApiError
 from app.metrics import Metrics
+from app.worker import BatchingWorker
 from model.audio import AudioError, AudioTooLongError, decode
 
 log = logging.getLogger(__name__)
@@ -48,27 +49,45 @@ class InferenceService:
         self.draining = False
         self.pending = 0
         self._decode_pool = ThreadPoolExecutor(2, thread_name_prefix="decode")
-        self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer")
+        self._worker: BatchingWorker[torch.Tensor, model.Inference] | None = None
 
     # lifecycle ---------------------------------------------------------------------------
 
     def load(self, weights_dir: Path) -> None:
-        """Load, check and warm the model; raises model.WeightsError on bad weights."""
+        """Load, check, configure and warm the model; raises model.WeightsError on bad weights."""
         started = time.perf_counter()
-        loaded = model.load(weights_dir)
-        wave = torch.from_numpy(np.random.default_rng(0).normal(0, 0.1, loaded.sample_rate * 2).astype(np.float32))
-        for _ in range(2):  # warm-up: first calls pay for allocator and kernel selection
-            loaded.infer(wave)
+        s = self.settings
+        loaded = model.load(weights_dir).configure(s.precision, s.channels_last)
+        self._warm_up(loaded)
         self.model = loaded
+        self._worker = BatchingWorker(self._infer_batch, s.batch_clips, self.metrics.infer_batch.observe)
         m = loaded.manifest
-        self.metrics.model.info({"name": m.name, "version": m.version, "sha256": m.sha256, "arch": m.architecture})
+        info = {"name": m.name, "version": m.version, "sha256": m.sha256, "arch": m.architecture}
+        self.metrics.model.info({**info, "precision": loaded.precision})
         self.ready = True
-        log.info("model ready in %.2f s (%s)", time.perf_counter() - started, loaded.manifest.architecture)
+        log.info(
+            "model ready in %.2f s (%s, %s, channels_last=%s)",
+            time.perf_counter() - started,
+            m.architecture,
+            loaded.precision,
+            loaded.channels_last,
+        )
+
+    def _warm_up(self, loaded: model.EmbeddingModel) -> None:
+        """First calls pay for allocation and oneDNN kernel selection: make them before traffic,
+        for a short clip at every batch size the worker can form and for one full window."""
+        rng = np.random.default_rng(0)
+        short = torch.from_numpy(rng.normal(0, 0.1, loaded.sample_rate * 3).astype(np.float32))
+        for n in range(1, self.settings.batch_windows + 1):
+            loaded.infer_many([short] * n, self.settings.window_s, self.settings.batch_windows)
+        full = torch.from_numpy(rng.normal(0, 0.1, int(loaded.sample_rate * self.settings.window_s)).astype(np.float32))
+        loaded.infer(full, self.settings.window_s, self.settings.batch_windows)
 
     def close(self) -> None:
         self.ready = False
         self._decode_pool.shutdown(wait=True, cancel_futures=True)
-        self._infer_pool.shutdown(wait=True, cancel_futures=True)
+        if self._worker is not None:
+            self._worker.close(timeout=self.settings.graceful_timeout_s)
 
     def stop_accepting(self) -> None:
         """Report not ready (load balancers stop sending) while in-flight work finishes."""
@@ -131,6 +150,13 @@ class InferenceService:
             "features": m.features.to_dict(),
             "verification_threshold": m.verification_threshold,
             "metrics": m.metrics,
+            "execution": {
+                "precision": self.require_model().precision,
+                "channels_last": self.require_model().channels_last,
+                "torch_threads": torch.get_num_threads(),
+                "batch_clips": self.settings.batch_clips,
+                "batch_windows": self.settings.batch_windows,
+            },
             "limits": {
                 "min_duration_s": self.settings.min_duration_s,
                 "max_duration_s": self.settings.max_duration_s,
@@ -160,8 +186,8 @@ class InferenceService:
             raise ApiError(422, "silent_audio", "the audio is silent")
         return m.prepare(audio), rate, channels
 
-    def infer(self, wave: torch.Tensor) -> model.Inference:
-        return self.require_model().infer(wave, window_s=self.settings.window_s)
+    def _infer_batch(self, waves: list[torch.Tensor]) -> list[model.Inference]:
+        return self.require_model().infer_many(waves, self.settings.window_s, self.settings.batch_windows)
 
     async def analyse(self, data: bytes) -> ClipResult:
         loop = asyncio.get_running_loop()
@@ -170,7 +196,9 @@ class InferenceService:
         except ApiError as exc:
             self.metrics.clips.labels(outcome=exc.code).inc()
             raise
-        result = await loop.run_in_executor(self._infer_pool, self.infer, wave)
+        if self._worker is None:
+            raise ApiError(503, "not_ready", "the model is not loaded yet", {"Retry-After": "1"})
+        result = await asyncio.wrap_future(self._worker.submit(wave))
         m = self.require_model()
         self.metrics.clips.labels(outcome="ok").inc()
         self.metrics.audio_seconds.inc(wave.numel() / m.sample_rate)

@@ -1,8 +1,11 @@
 """Evaluate a weights directory on any labelled audio folder.
 
     python -m model.evaluate WEIGHTS_DIR DATA_DIR [--split test|val|train|all] [--json]
+        [--precision auto|fp32|bf16] [--channels-last] [--parity]
 
 Prints accuracy, per-class accuracy, same/different-voice EER and the confusion matrix.
+``--parity`` also runs the plain fp32 model and reports how often the chosen execution's top-1
+agrees with it and the cosine between their embeddings.
 """
 
 from __future__ import annotations
@@ -15,16 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from model.data import load_waves, scan
 from model.metrics import summarise
-from model.weights import EmbeddingModel, WeightsError, load
+from model.weights import PRECISIONS, EmbeddingModel, WeightsError, load
 
 log = logging.getLogger(__name__)
 
 
-@torch.inference_mode()
-def evaluate(model: EmbeddingModel, data_dir: Path, split: str = "test") -> dict[str, Any]:
+def load_split(model: EmbeddingModel, data_dir: Path, split: str) -> tuple[list[torch.Tensor], list[int]]:
     dataset = scan(data_dir, labels=None)
     unknown = sorted(set(dataset.labels) - set(model.labels))
     if unknown:
@@ -33,7 +36,12 @@ def evaluate(model: EmbeddingModel, data_dir: Path, split: str = "test") -> dict
     if not items:
         raise ValueError(f"{data_dir}: no clips in split {split!r}")
     waves = load_waves(items, model.sample_rate, f"loading {split}")
-    labels = [model.labels.index(dataset.labels[it.label]) for it in items]
+    return waves, [model.labels.index(dataset.labels[it.label]) for it in items]
+
+
+@torch.inference_mode()
+def evaluate(model: EmbeddingModel, data_dir: Path, split: str = "test") -> dict[str, Any]:
+    waves, labels = load_split(model, data_dir, split)
     results = [model.infer(w) for w in waves]
     return summarise(
         torch.stack([r.logits for r in results]),
@@ -41,6 +49,22 @@ def evaluate(model: EmbeddingModel, data_dir: Path, split: str = "test") -> dict
         torch.tensor(labels),
         model.labels,
     )
+
+
+@torch.inference_mode()
+def parity(model: EmbeddingModel, reference: EmbeddingModel, waves: list[torch.Tensor]) -> dict[str, Any]:
+    """How closely ``model`` (e.g. bf16, channels-last) follows ``reference`` (fp32) on ``waves``."""
+    fast = [model.infer(w) for w in waves]
+    ref = [reference.infer(w) for w in waves]
+    agree = [int(f.logits.argmax()) == int(r.logits.argmax()) for f, r in zip(fast, ref, strict=True)]
+    cos = [float(F.cosine_similarity(f.embedding, r.embedding, dim=0)) for f, r in zip(fast, ref, strict=True)]
+    return {
+        "execution": {"precision": model.precision, "channels_last": model.channels_last},
+        "clips": len(waves),
+        "top1_agreement": sum(agree) / len(agree),
+        "min_cosine": min(cos),
+        "mean_cosine": sum(cos) / len(cos),
+    }
 
 
 def format_report(summary: dict[str, Any], labels: list[str]) -> str:
@@ -68,15 +92,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("data_dir", type=Path)
     parser.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--parity", action="store_true", help="compare with the plain fp32 model")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        model = load(args.weights_dir)
-        summary = evaluate(model, args.data_dir, args.split)
+        model = load(args.weights_dir).configure(args.precision, args.channels_last)
+        if args.parity:
+            waves, _ = load_split(model, args.data_dir, args.split)
+            summary = parity(model, load(args.weights_dir), waves)
+        else:
+            summary = evaluate(model, args.data_dir, args.split)
     except (WeightsError, ValueError) as exc:
         log.error("error: %s", exc)
         return 2
-    sys.stdout.write((json.dumps(summary, indent=2) if args.json else format_report(summary, model.labels)) + "\n")
+    text = json.dumps(summary, indent=2) if args.json or args.parity else format_report(summary, model.labels)
+    sys.stdout.write(text + "\n")
     return 0
 
 

@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,13 +213,43 @@ class Inference:
         return F.softmax(self.logits, dim=-1)
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def bf16_native() -> bool:
+    """True where oneDNN runs bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated
+    and several times slower than fp32."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` -> ``bf16`` where the CPU has native bf16, else ``fp32``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "auto":
+        return "bf16" if bf16_native() else "fp32"
+    return precision
+
+
 class EmbeddingModel:
-    """A loaded, checked model: network in eval mode, its front end and its manifest."""
+    """A loaded, checked model: network in eval mode, its front end and its manifest.
+
+    :meth:`configure` picks the execution: ``fp32`` or ``bf16`` autocast (the front end always
+    runs in fp32) and channels-last memory layout. Results are fp32 whatever the precision.
+    """
 
     def __init__(self, network: ResNet, manifest: Manifest) -> None:
         self.network = network.eval()
         self.manifest = manifest
         self.features = LogMelSpectrogram(manifest.features).eval()
+        self.precision = "fp32"
+        self.channels_last = False
+
+    def configure(self, precision: str = "fp32", channels_last: bool = False) -> EmbeddingModel:
+        self.precision = resolve_precision(precision)
+        self.channels_last = channels_last
+        self.network.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        return self
 
     @property
     def sample_rate(self) -> int:
@@ -235,9 +265,13 @@ class EmbeddingModel:
 
     @torch.inference_mode()
     def forward_batch(self, waves: Tensor) -> tuple[Tensor, Tensor]:
-        """``(B, samples)`` at the model's rate -> ``(logits (B, C), embedding (B, E))``."""
-        feats = self.features(waves)  # (B, 1, n_mels, T)
-        return self.network(feats)
+        """``(B, samples)`` at the model's rate -> ``(logits (B, C), embedding (B, E))`` in fp32."""
+        feats = self.features(waves)  # (B, 1, n_mels, T), fp32
+        if self.channels_last:
+            feats = feats.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            logits, emb = self.network(feats)
+        return logits.float(), emb.float()
 
     def windows(self, wave: Tensor, window_s: float) -> Tensor:
         """Split a clip into equal windows of at most ``window_s``: ``(n, samples)``."""
@@ -247,27 +281,36 @@ class EmbeddingModel:
         return wave[: n * length].reshape(n, length)
 
     @torch.inference_mode()
-    def infer(self, wave: Tensor, window_s: float = 20.0, batch_windows: int = 4) -> Inference:
-        """One clip at the model's rate -> averaged logits and embedding over its windows.
+    def infer_many(self, waves: list[Tensor], window_s: float = 20.0, batch_windows: int = 4) -> list[Inference]:
+        """Clips at the model's rate -> per clip, logits and embedding averaged over its windows.
 
-        Long clips are cut into equal windows processed a few at a time, so memory is bounded
-        by ``window_s * batch_windows`` whatever the clip's length.
+        Each clip is cut into equal windows of at most ``window_s``. Windows of the same length,
+        from one clip or several, share a forward pass of at most ``batch_windows``; windows of
+        different lengths never do, so no padding ever enters a result, and memory is bounded by
+        ``window_s * batch_windows`` whatever the clips' lengths.
         """
-        chunks = self.windows(wave, window_s)  # (n, S)
-        logits_sum: Tensor | None = None
-        emb_sum: Tensor | None = None
-        for batch in _batches(chunks, batch_windows):
-            logits, emb = self.forward_batch(batch)
-            logits_sum = logits.sum(0) if logits_sum is None else logits_sum + logits.sum(0)
-            emb_sum = emb.sum(0) if emb_sum is None else emb_sum + emb.sum(0)
-        assert logits_sum is not None and emb_sum is not None
-        n = chunks.shape[0]
-        return Inference(logits=logits_sum.float() / n, embedding=emb_sum.float() / n, windows=n)
+        chunks = [self.windows(w, window_s) for w in waves]  # each (n_i, S_i)
+        by_length: dict[int, list[tuple[int, Tensor]]] = {}
+        for i, c in enumerate(chunks):
+            for row in c:
+                by_length.setdefault(row.shape[-1], []).append((i, row))
+        logits_sum = [torch.zeros(self.manifest.num_classes) for _ in waves]
+        emb_sum = [torch.zeros(self.manifest.embedding_size) for _ in waves]
+        for group in by_length.values():
+            for start in range(0, len(group), batch_windows):
+                part = group[start : start + batch_windows]
+                logits, emb = self.forward_batch(torch.stack([row for _, row in part]))  # (B, C), (B, E)
+                for k, (i, _) in enumerate(part):
+                    logits_sum[i] += logits[k]
+                    emb_sum[i] += emb[k]
+        return [
+            Inference(logits=lg / c.shape[0], embedding=em / c.shape[0], windows=c.shape[0])
+            for lg, em, c in zip(logits_sum, emb_sum, chunks, strict=True)
+        ]
 
-
-def _batches(x: Tensor, size: int) -> Iterator[Tensor]:
-    for i in range(0, x.shape[0], size):
-        yield x[i : i + size]
+    def infer(self, wave: Tensor, window_s: float = 20.0, batch_windows: int = 4) -> Inference:
+        """One clip at the model's rate -> logits and embedding averaged over its windows."""
+        return self.infer_many([wave], window_s, batch_windows)[0]
 
 
 def load(path: str | Path) -> EmbeddingModel:

@@ -1,0 +1,109 @@
+"""``make soak``: memory under many clip lengths.
+
+    .venv/bin/python -m bench.soak [--requests 5000] [--min-s 0.5] [--max-s 4] [--concurrency 4]
+
+Starts the service on the shipped weights, records its RSS once it is ready (after its own
+warm-up), then sends ``--requests`` clips whose lengths are drawn at 10 ms resolution (so nearly
+every request is a new tensor shape: the case that grows oneDNN's primitive cache and the
+allocator), sampling RSS as it goes. Exits 1 if the final RSS is more than 10 % above the
+warmed-up RSS or any request failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import random
+import sys
+import time
+import wave
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from bench.clips import ensure
+from bench.run import ROOT, Server, rss_mb
+from model.audio import decode
+
+
+def wav_bytes(samples: np.ndarray, sr: int) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sr)
+        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+async def soak(server: Server, speech: np.ndarray, sr: int, args: argparse.Namespace) -> dict[str, object]:
+    rng = random.Random(0)
+    todo = list(range(args.requests))
+    samples: list[tuple[int, float]] = []
+    failures = 0
+    done = 0
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal failures, done
+        while todo:
+            todo.pop()
+            n = int(round(rng.uniform(args.min_s, args.max_s), 2) * sr)
+            start = rng.randrange(0, len(speech) - n)
+            r = await http.post(server.url + "/embed", content=wav_bytes(speech[start : start + n], sr))
+            failures += r.status_code != 200
+            done += 1
+            if done % 250 == 0:
+                samples.append((done, rss_mb(server.proc.pid)))
+                print(f"{done:6d} requests  RSS {samples[-1][1]:.0f} MB  failures {failures}", file=sys.stderr)
+
+    async with httpx.AsyncClient(timeout=300.0) as http:
+        await asyncio.gather(*(client(http) for _ in range(args.concurrency)))
+    return {"failures": failures, "rss_samples": samples}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--min-s", type=float, default=0.5)
+    parser.add_argument("--max-s", type=float, default=4.0)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--json", type=Path, default=ROOT / "runs" / "bench" / "soak.json")
+    args = parser.parse_args(argv)
+    (ROOT / "runs" / "bench").mkdir(parents=True, exist_ok=True)
+    clips = [decode(p) for p in ensure(ROOT / "data" / "bench", "mixed")]
+    sr = clips[0].sample_rate
+    speech = np.concatenate([c.samples.mean(axis=0) for c in clips]).astype(np.float32)
+
+    server = Server("soak", [sys.executable, "-m", "app"], {"LOG_LEVEL": "WARNING"})
+    try:
+        server.wait_ready("/readyz")
+        warm = rss_mb(server.proc.pid)
+        started = time.perf_counter()
+        result = asyncio.run(soak(server, speech, sr, args))
+        final = rss_mb(server.proc.pid)
+    finally:
+        server.stop()
+    growth = final / warm - 1
+    report = {
+        **vars(args),
+        "json": str(args.json),
+        "rss_mb_warm": warm,
+        "rss_mb_final": final,
+        "growth": growth,
+        "wall_s": time.perf_counter() - started,
+        **result,
+    }
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    ok = growth <= 0.10 and result["failures"] == 0
+    print(
+        f"RSS warm {warm:.0f} MB -> after {args.requests} requests {final:.0f} MB "
+        f"({100 * growth:+.1f} %), failures {result['failures']}: {'OK' if ok else 'FAIL'}"
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""The fast path (issue 6): precision parity, batching that never changes a result, the worker."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+import model
+from app.worker import BatchingWorker
+from model import corpus
+from model.audio import decode
+from model.evaluate import parity
+from model.weights import bf16_native, resolve_precision
+from tests.conftest import SHIPPED_WEIGHTS, speech, wav_bytes
+
+
+@pytest.fixture(scope="module")
+def test_split_waves(tmp_path_factory) -> list[torch.Tensor]:
+    """One clip per voice from the shipped corpus's own test split (its sentences, conditions,
+    codecs), made by the generator."""
+    out = tmp_path_factory.mktemp("test-split")
+    chosen: dict[int, corpus.Clip] = {}
+    for clip in corpus.plan(200, seed=0):
+        if clip.split == "test" and clip.label not in chosen:
+            chosen[clip.label] = clip
+    ref = model.load(SHIPPED_WEIGHTS)
+    waves = []
+    for clip in chosen.values():
+        corpus.make_clip(clip, out, seed=0)
+        waves.append(ref.prepare(decode(out / clip.path)))
+    assert len(waves) == 9
+    return waves
+
+
+@pytest.mark.parametrize(("precision", "channels_last"), [("fp32", True), ("bf16", True)])
+def test_every_execution_matches_fp32(test_split_waves, precision, channels_last):
+    """Where bf16 is not native it is emulated (about 100x slower), so clips are cut to 2.5 s."""
+    reference = model.load(SHIPPED_WEIGHTS)
+    fast = model.load(SHIPPED_WEIGHTS).configure(precision, channels_last)
+    result = parity(fast, reference, [w[:40000] for w in test_split_waves])
+    assert result["top1_agreement"] >= 0.995, result
+    assert result["min_cosine"] >= 0.999, result
+
+
+def test_auto_precision_is_bf16_only_where_native():
+    assert resolve_precision("auto") == ("bf16" if bf16_native() else "fp32")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("fp8")
+
+
+def test_batching_only_equal_length_windows_never_changes_a_result():
+    m = model.load(SHIPPED_WEIGHTS).configure("fp32", channels_last=True)
+    waves = [speech(0, 0), speech(3, 1), speech(0, 0), speech(5, 2)[:30000], speech(7, 3).repeat(4)]
+    alone = [m.infer(w, window_s=6.0) for w in waves]
+    together = m.infer_many(waves, window_s=6.0, batch_windows=4)
+    for a, t in zip(alone, together, strict=True):
+        assert a.windows == t.windows
+        assert torch.allclose(a.logits, t.logits, atol=1e-4)
+        assert torch.nn.functional.cosine_similarity(a.embedding, t.embedding, dim=0) > 0.99999
+    assert together[0].windows == 1 and together[4].windows > 1
+
+
+def test_worker_takes_what_is_queued_as_one_batch_and_isolates_a_failing_batch():
+    gate = threading.Event()
+    batches: list[list[int]] = []
+
+    def run(items: list[int]) -> list[int]:
+        gate.wait(10)
+        batches.append(items)
+        if -1 in items:
+            raise RuntimeError("bad batch")
+        return [i * 10 for i in items]
+
+    worker: BatchingWorker[int, int] = BatchingWorker(run, max_clips=3)
+    first = worker.submit(0)  # taken alone; the worker blocks on the gate
+    time.sleep(0.2)
+    rest = [worker.submit(i) for i in (1, 2, 3, 4, -1)]
+    gate.set()
+    assert first.result(5) == 0
+    assert [f.result(5) for f in rest[:3]] == [10, 20, 30]
+    with pytest.raises(RuntimeError, match="bad batch"):
+        rest[4].result(5)
+    assert rest[3].exception(5) is not None  # batched with the failing clip, told so
+    assert batches == [[0], [1, 2, 3], [4, -1]]
+    after = worker.submit(5)  # the worker survived
+    assert after.result(5) == 50
+    worker.close(5)
+
+
+def test_service_batches_concurrent_requests_and_reports_its_execution(client: httpx.Client):
+    info = client.get("/v1/model").json()["execution"]
+    assert info["precision"] == ("bf16" if bf16_native() else "fp32")
+    assert info["channels_last"] is True and info["torch_threads"] >= 1
+
+    def count() -> tuple[float, float]:
+        text = client.get("/metrics").text
+        values = {}
+        for line in text.splitlines():
+            if line.startswith("voice_embed_inference_batch_clips_"):
+                name, value = line.split(" ")
+                values[name] = float(value)
+        return values["voice_embed_inference_batch_clips_count"], values["voice_embed_inference_batch_clips_sum"]
+
+    batches_before, clips_before = count()
+    body = wav_bytes(speech(2, 4)[:48000])
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda _: client.post("/embed", content=body), range(8)))
+    assert all(r.status_code == 200 for r in responses)
+    first = torch.tensor(responses[0].json()["embedding"])
+    for r in responses[1:]:
+        assert torch.nn.functional.cosine_similarity(first, torch.tensor(r.json()["embedding"]), dim=0) > 0.9999
+    batches, clips = count()
+    assert clips - clips_before == 8
+    assert batches - batches_before < 8  # concurrent clips shared forward passes
