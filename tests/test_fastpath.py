@@ -109,8 +109,10 @@ def test_service_batches_concurrent_requests_and_reports_its_execution(client: h
     batches_before, clips_before = count()
     body = wav_bytes(speech(2, 4)[:48000])
     with ThreadPoolExecutor(8) as pool:
-        responses = list(pool.map(lambda _: client.post("/embed", content=body), range(8)))
-    assert all(r.status_code == 200 for r in responses)
+        responses = list(
+            pool.map(lambda _: client.post("/embed", content=body, headers={"Content-Type": "audio/wav"}), range(8))
+        )
+    assert [r.status_code for r in responses] == [200] * 8, [r.text for r in responses]
     first = torch.tensor(responses[0].json()["embedding"])
     for r in responses[1:]:
         assert torch.nn.functional.cosine_similarity(first, torch.tensor(r.json()["embedding"]), dim=0) > 0.9999
