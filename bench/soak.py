@@ -52,7 +52,11 @@ async def soak(server: Server, speech: np.ndarray, sr: int, args: argparse.Names
             todo.pop()
             n = int(round(rng.uniform(args.min_s, args.max_s), 2) * sr)
             start = rng.randrange(0, len(speech) - n)
-            r = await http.post(server.url + "/embed", content=wav_bytes(speech[start : start + n], sr))
+            r = await http.post(
+                server.url + "/embed",
+                content=wav_bytes(speech[start : start + n], sr),
+                headers={"Content-Type": "audio/wav"},
+            )
             failures += r.status_code != 200
             done += 1
             if done % 250 == 0:
