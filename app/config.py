@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     channels_last: bool = Field(default=True, description="channels-last memory layout for the network")
     batch_clips: int = Field(default=8, ge=1, description="queued clips the inference worker takes at once")
     batch_windows: int = Field(default=4, ge=1, description="equal-length windows per forward pass")
+    bound_memory: bool = Field(
+        default=False,
+        description="small oneDNN primitive cache, fixed glibc mmap threshold: flat RSS under varied lengths, slower",
+    )
     window_s: float = Field(default=20.0, gt=1.0, description="long clips are averaged over windows this long")
     silence_peak: float = Field(default=1e-4, ge=0, description="clips whose peak is below this are silent")
     max_pending: int = Field(default=32, ge=1, description="clips admitted at once; beyond it: 503 + Retry-After")

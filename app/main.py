@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -67,7 +68,31 @@ def torch_threads_from_cgroup() -> int | None:
     return max(1, -(-int(quota) // int(period)))
 
 
-def configure_torch(threads: int | None) -> int:
+M_ARENA_MAX, M_MMAP_THRESHOLD = -8, -3  # glibc mallopt parameters
+
+
+def bound_memory_growth() -> None:
+    """Keep RSS flat when every clip length is a new tensor shape (measured with bench.soak).
+
+    oneDNN caches compiled primitives per shape (1024 by default): a small cache bounds that.
+    glibc serves big freed blocks from a heap that fragments as sizes vary, and raises its mmap
+    threshold as it goes: a fixed 128 KiB threshold hands big tensors back to the kernel on free,
+    and two arenas stop per-thread heaps multiplying. Environment variables set by the user win.
+    """
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128")
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_ARENA_MAX" in os.environ:
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_ARENA_MAX, 2)
+        libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+    except (OSError, AttributeError):  # not glibc
+        log.info("mallopt not available; allocator left as is")
+
+
+def configure_torch(threads: int | None, bound_memory: bool = False) -> int:
+    if bound_memory:
+        bound_memory_growth()
     n = threads or torch_threads_from_cgroup() or os.cpu_count() or 1
     torch.set_num_threads(n)
     with contextlib.suppress(RuntimeError):  # already set in this process
@@ -98,7 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.log_level)
-        threads = configure_torch(settings.torch_threads)
+        threads = configure_torch(settings.torch_threads, settings.bound_memory)
         log.info("loading %s with %d torch threads", settings.weights_dir, threads)
         await run_in_threadpool(service.load, settings.weights_dir)
         on_sigterm_report_not_ready(service)
