@@ -139,7 +139,8 @@ class InferenceService:
         return {"name": m.name, "version": m.version, "sha256": m.sha256}
 
     def model_info(self) -> dict[str, Any]:
-        m = self.require_model().manifest
+        loaded = self.require_model()
+        m = loaded.manifest
         return {
             **self.model_ref(),
             "architecture": m.architecture,
@@ -151,8 +152,8 @@ class InferenceService:
             "verification_threshold": m.verification_threshold,
             "metrics": m.metrics,
             "execution": {
-                "precision": self.require_model().precision,
-                "channels_last": self.require_model().channels_last,
+                "precision": loaded.precision,
+                "channels_last": loaded.channels_last,
                 "torch_threads": torch.get_num_threads(),
                 "batch_clips": self.settings.batch_clips,
                 "batch_windows": self.settings.batch_windows,

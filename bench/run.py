@@ -218,9 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     threads = settings.torch_threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     files = {name: ensure(args.data, name) for name in SETS}
-    sets = {name: [(p.name, p.read_bytes(), decode(p).duration_s) for p in paths] for name, paths in files.items()}
     m = model.load(settings.weights_dir).configure(settings.precision, settings.channels_last)
-    waves = {name: [m.prepare(decode(p)) for p in paths] for name, paths in files.items()}
+    decoded = {name: [(p, decode(p)) for p in paths] for name, paths in files.items()}  # each file once
+    sets = {name: [(p.name, p.read_bytes(), a.duration_s) for p, a in items] for name, items in decoded.items()}
+    waves = {name: [m.prepare(a) for _, a in items] for name, items in decoded.items()}
 
     report: dict[str, Any] = {
         "machine": {
