@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     channels_last: bool = Field(default=True, description="channels-last memory layout for the network")
     batch_clips: int = Field(default=8, ge=1, description="queued clips the inference worker takes at once")
     batch_windows: int = Field(default=4, ge=1, description="equal-length windows per forward pass")
+    trim_memory: bool = Field(
+        default=True, description="hand free heap pages back to the OS whenever the inference worker runs out of work"
+    )
     bound_memory: bool = Field(
         default=False,
         description="small oneDNN primitive cache, fixed glibc mmap threshold: flat RSS under varied lengths, slower",

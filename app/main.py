@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -20,7 +19,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from app import errors
+from app import errors, memory
 from app.config import Settings, get_settings
 from app.metrics import Metrics
 from app.middleware import ApiKeyAuth, RequestContext, request_id_var
@@ -68,31 +67,10 @@ def torch_threads_from_cgroup() -> int | None:
     return max(1, -(-int(quota) // int(period)))
 
 
-M_ARENA_MAX, M_MMAP_THRESHOLD = -8, -3  # glibc mallopt parameters
-
-
-def bound_memory_growth() -> None:
-    """Keep RSS flat when every clip length is a new tensor shape (measured with bench.soak).
-
-    oneDNN caches compiled primitives per shape (1024 by default): a small cache bounds that.
-    glibc serves big freed blocks from a heap that fragments as sizes vary, and raises its mmap
-    threshold as it goes: a fixed 128 KiB threshold hands big tensors back to the kernel on free,
-    and two arenas stop per-thread heaps multiplying. Environment variables set by the user win.
-    """
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128")
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_ARENA_MAX" in os.environ:
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_ARENA_MAX, 2)
-        libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
-    except (OSError, AttributeError):  # not glibc
-        log.info("mallopt not available; allocator left as is")
-
-
 def configure_torch(threads: int | None, bound_memory: bool = False) -> int:
     if bound_memory:
-        bound_memory_growth()
+        memory.bound_growth()
+    memory.default_primitive_cache()
     n = threads or torch_threads_from_cgroup() or os.cpu_count() or 1
     torch.set_num_threads(n)
     with contextlib.suppress(RuntimeError):  # already set in this process

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -27,25 +28,41 @@ Out = TypeVar("Out")
 class _Job(Generic[In, Out]):
     item: In
     future: Future[Out]
+    queued_at: float
 
 
 class BatchingWorker(Generic[In, Out]):
+    """``on_batch`` is called with the queue wait (seconds) of each job as a batch starts.
+
+    ``on_idle`` is housekeeping that must not delay a waiting clip (the service returns free
+    memory to the OS): it runs once the queue has stayed empty for ``idle_after_s`` after some
+    work, and, so that it also happens under steady load, at most ``idle_every_s`` apart.
+    """
+
     def __init__(
         self,
         run: Callable[[list[In]], list[Out]],
         max_clips: int,
-        on_batch: Callable[[int], None] | None = None,
+        on_batch: Callable[[list[float]], None] | None = None,
+        on_idle: Callable[[], None] | None = None,
+        idle_after_s: float = 0.05,
+        idle_every_s: float = 10.0,
     ) -> None:
         self._run = run
         self._max = max_clips
         self._on_batch = on_batch
+        self._on_idle = on_idle
+        self._idle_after_s = idle_after_s
+        self._idle_every_s = idle_every_s
+        self._worked = False  # work done since on_idle last ran
+        self._last_idle = time.monotonic()
         self._queue: queue.SimpleQueue[_Job[In, Out] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="infer", daemon=True)
         self._thread.start()
 
     def submit(self, item: In) -> Future[Out]:
         future: Future[Out] = Future()
-        self._queue.put(_Job(item, future))
+        self._queue.put(_Job(item, future, time.perf_counter()))
         return future
 
     def close(self, timeout: float | None = None) -> None:
@@ -53,8 +70,26 @@ class BatchingWorker(Generic[In, Out]):
         self._queue.put(None)
         self._thread.join(timeout)
 
+    def _idle(self) -> None:
+        self._worked = False
+        self._last_idle = time.monotonic()
+        if self._on_idle is None:
+            return
+        try:
+            self._on_idle()
+        except Exception:
+            log.exception("idle housekeeping failed")
+
+    def _next(self) -> _Job[In, Out] | None:
+        if self._worked and self._on_idle is not None:
+            try:
+                return self._queue.get(timeout=self._idle_after_s)
+            except queue.Empty:
+                self._idle()
+        return self._queue.get()
+
     def _take(self) -> tuple[list[_Job[In, Out]], bool]:
-        first = self._queue.get()
+        first = self._next()
         if first is None:
             return [], True
         jobs, stop = [first], False
@@ -77,7 +112,9 @@ class BatchingWorker(Generic[In, Out]):
             if not jobs:
                 continue
             if self._on_batch is not None:
-                self._on_batch(len(jobs))
+                now = time.perf_counter()
+                self._on_batch([now - j.queued_at for j in jobs])
+            self._worked = True
             try:
                 results = self._run([j.item for j in jobs])
             except Exception as exc:  # one bad batch fails its own requests, never the worker
@@ -87,3 +124,5 @@ class BatchingWorker(Generic[In, Out]):
                 continue
             for j, r in zip(jobs, results, strict=True):
                 j.future.set_result(r)
+            if time.monotonic() - self._last_idle >= self._idle_every_s:
+                self._idle()

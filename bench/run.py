@@ -32,6 +32,7 @@ from typing import Any
 
 import httpx
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from torch.utils.flop_counter import FlopCounterMode
 
 import model
@@ -181,9 +182,24 @@ async def drive(url: str, bodies: list[tuple[str, bytes, float]], clients: int, 
         "failures": failures,
         "clips_per_s": (len(latencies) - failures) / elapsed,
         "audio_s_per_s": audio / elapsed,
+        "mean_ms": 1000 * statistics.fmean(latencies),
         "p50_ms": 1000 * statistics.median(latencies),
         "p95_ms": 1000 * q[94],
         "p99_ms": 1000 * q[98],
+    }
+
+
+def stage_seconds(url: str) -> dict[str, float] | None:
+    """Total seconds per server stage from the service's ``/metrics`` (None for a server without)."""
+    r = httpx.get(url + "/metrics")
+    if r.status_code != 200:
+        return None
+    return {
+        sample.labels["stage"]: sample.value
+        for family in text_string_to_metric_families(r.text)
+        if family.name == "voice_embed_stage_seconds"
+        for sample in family.samples
+        if sample.name.endswith("_sum")
     }
 
 
@@ -193,7 +209,12 @@ def serve_and_drive(
     server.wait_ready(ready_path)
     out: dict[str, Any] = {"rss_mb_before": rss_mb(server.proc.pid)}
     try:
-        out["3s_light"] = asyncio.run(drive(server.url, sets["3s"], 1, args.duration / 2))
+        before = stage_seconds(server.url)
+        out["3s_light"] = light = asyncio.run(drive(server.url, sets["3s"], 1, args.duration / 2))
+        after = stage_seconds(server.url)
+        if before is not None and after is not None:  # where a light-load request's time goes
+            stages = {k: 1000 * (after[k] - before.get(k, 0.0)) / light["requests"] for k in after}
+            light["stage_mean_ms"] = {**stages, "outside": light["mean_ms"] - sum(stages.values())}
         for name in SETS:
             out[f"{name}_saturated"] = asyncio.run(drive(server.url, sets[name], args.concurrency, args.duration))
         out["rss_mb_after"] = rss_mb(server.proc.pid)
@@ -301,6 +322,10 @@ def print_table(r: dict[str, Any]) -> None:
             )
         label = f"{who} RSS MB before/after"
         print(f"{label:28}{res['rss_mb_before']:9.0f}{res['rss_mb_after']:11.0f}")
+    split = svc["3s_light"].get("stage_mean_ms")
+    if split:
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in split.items())
+        print(f"service light-load mean ms per request: {parts} (outside = HTTP, framework, client)")
     print(f"\nachieved {r['achieved_gflops_3s']:.1f} GFLOP/s (service, 3 s set, saturated)")
     for k, v in r["ratios"].items():
         print(f"  {k:34} {v:8.3f}")

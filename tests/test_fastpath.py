@@ -92,6 +92,38 @@ def test_worker_takes_what_is_queued_as_one_batch_and_isolates_a_failing_batch()
     worker.close(5)
 
 
+def test_worker_housekeeping_waits_for_a_quiet_queue_and_still_runs_under_steady_load():
+    events: list[str] = []
+
+    def run(items: list[int]) -> list[int]:
+        events.append(f"run{len(items)}")
+        time.sleep(0.05)
+        return items
+
+    worker: BatchingWorker[int, int] = BatchingWorker(
+        run, max_clips=1, on_idle=lambda: events.append("idle"), idle_after_s=0.2, idle_every_s=60.0
+    )
+    time.sleep(0.3)
+    assert events == []  # nothing done yet: nothing to tidy
+    futures = [worker.submit(i) for i in range(4)]  # back to back: no quiet moment between them
+    assert [f.result(5) for f in futures] == [0, 1, 2, 3]
+    assert "idle" not in events
+    time.sleep(0.4)
+    assert events == ["run1"] * 4 + ["idle"]  # once, after the queue stayed empty
+    time.sleep(0.3)
+    assert events.count("idle") == 1  # and not again until there is new work
+    worker.close(5)
+
+    events.clear()
+    worker = BatchingWorker(run, max_clips=1, on_idle=lambda: events.append("idle"), idle_after_s=5.0, idle_every_s=0.1)
+    futures = [worker.submit(i) for i in range(8)]  # 0.4 s or more of continuous work
+    assert [f.result(5) for f in futures] == list(range(8))
+    # never quiet for 5 s, yet tidied between batches, each time 0.1 s or more after the last
+    assert events.count("idle") >= 2 and events.index("idle") < max(i for i, e in enumerate(events) if e == "run1")
+    assert "idle, idle" not in ", ".join(events)
+    worker.close(5)
+
+
 def test_service_batches_concurrent_requests_and_reports_its_execution(client: httpx.Client):
     info = client.get("/v1/model").json()["execution"]
     assert info["precision"] == ("bf16" if bf16_native() else "fp32")
@@ -119,3 +151,10 @@ def test_service_batches_concurrent_requests_and_reports_its_execution(client: h
     batches, clips = count()
     assert clips - clips_before == 8
     assert batches - batches_before < 8  # concurrent clips shared forward passes
+    stages = {
+        line.split('"')[1]: float(line.split(" ")[1])
+        for line in client.get("/metrics").text.splitlines()
+        if line.startswith("voice_embed_stage_seconds_count")
+    }
+    assert set(stages) == {"decode", "queue", "inference"}
+    assert stages["decode"] >= 8 and stages["queue"] >= 8 and stages["inference"] >= 1
