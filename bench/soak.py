@@ -5,8 +5,9 @@
 Starts the service on the shipped weights, records its RSS once it is ready (after its own
 warm-up), then sends ``--requests`` clips whose lengths are drawn at 10 ms resolution (so nearly
 every request is a new tensor shape: the case that grows oneDNN's primitive cache and the
-allocator), sampling RSS as it goes and once more a second after the last one. Exits 1 if any
-sample is more than 10 % above the warmed-up RSS or any request failed.
+allocator), sampling RSS as it goes and once more a second after the last one. Exits 1 if that
+final RSS is more than 10 % above the warmed-up RSS or any request failed. The samples under load
+are reported too: they include the working set of the clips in flight.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         **result,
     }
     args.json.write_text(json.dumps(report, indent=2) + "\n")
-    ok = peak_growth <= 0.10 and result["failures"] == 0
+    ok = growth <= 0.10 and result["failures"] == 0
     print(
         f"RSS warm {warm:.0f} MB -> after {args.requests} requests {final:.0f} MB "
         f"({100 * growth:+.1f} %), highest sample under load {peak:.0f} MB ({100 * peak_growth:+.1f} %), "
