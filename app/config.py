@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto", description="auto: bf16 where the CPU has native bf16 (AVX512-BF16/AMX), else fp32"
     )
+    backend: Literal["auto", "torch", "openvino"] = Field(
+        default="auto", description="auto: the network compiled by OpenVINO where it is installed, else PyTorch"
+    )
     channels_last: bool = Field(default=True, description="channels-last memory layout for the network")
     batch_clips: int = Field(default=8, ge=1, description="queued clips the inference worker takes at once")
     batch_windows: int = Field(default=4, ge=1, description="equal-length windows per forward pass")

@@ -93,4 +93,4 @@ class ModelInfo(BaseModel):
     verification_threshold: float | None
     metrics: dict[str, Any]
     limits: dict[str, float]
-    execution: dict[str, Any] = Field(description="precision, channels_last, torch threads, batching")
+    execution: dict[str, Any] = Field(description="backend, precision, channels_last, torch threads, batching")

@@ -58,7 +58,7 @@ class InferenceService:
         """Load, check, configure and warm the model; raises model.WeightsError on bad weights."""
         started = time.perf_counter()
         s = self.settings
-        loaded = model.load(weights_dir).configure(s.precision, s.channels_last)
+        loaded = model.load(weights_dir).configure(s.precision, s.channels_last, s.backend)
         self._warm_up(loaded)
         self.model = loaded
         trim = memory.trimmer() if s.trim_memory else None
@@ -69,12 +69,13 @@ class InferenceService:
         self._worker = BatchingWorker(self._infer_batch, s.batch_clips, self._on_batch, trim, 0.05, 2.0)
         m = loaded.manifest
         info = {"name": m.name, "version": m.version, "sha256": m.sha256, "arch": m.architecture}
-        self.metrics.model.info({**info, "precision": loaded.precision})
+        self.metrics.model.info({**info, "backend": loaded.backend, "precision": loaded.precision})
         self.ready = True
         log.info(
-            "model ready in %.2f s (%s, %s, channels_last=%s)",
+            "model ready in %.2f s (%s on %s, %s, channels_last=%s)",
             time.perf_counter() - started,
             m.architecture,
+            loaded.backend,
             loaded.precision,
             loaded.channels_last,
         )
@@ -158,6 +159,7 @@ class InferenceService:
             "verification_threshold": m.verification_threshold,
             "metrics": m.metrics,
             "execution": {
+                "backend": loaded.backend,
                 "precision": loaded.precision,
                 "channels_last": loaded.channels_last,
                 "torch_threads": torch.get_num_threads(),

@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = settings.torch_threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     files = {name: ensure(args.data, name) for name in SETS}
-    m = model.load(settings.weights_dir).configure(settings.precision, settings.channels_last)
+    m = model.load(settings.weights_dir).configure(settings.precision, settings.channels_last, settings.backend)
     decoded = {name: [(p, decode(p)) for p in paths] for name, paths in files.items()}  # each file once
     sets = {name: [(p.name, p.read_bytes(), a.duration_s) for p, a in items] for name, items in decoded.items()}
     waves = {name: [m.prepare(a) for _, a in items] for name, items in decoded.items()}
@@ -253,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             "bf16_native": model.weights.bf16_native(),
         },
         "service_settings": {
+            "backend": m.backend,
             "precision": m.precision,
             "channels_last": m.channels_last,
             "batch_clips": settings.batch_clips,

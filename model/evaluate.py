@@ -1,7 +1,7 @@
 """Evaluate a weights directory on any labelled audio folder.
 
     python -m model.evaluate WEIGHTS_DIR DATA_DIR [--split test|val|train|all] [--json]
-        [--precision auto|fp32|bf16] [--channels-last] [--parity]
+        [--backend torch|openvino|auto] [--precision auto|fp32|bf16] [--channels-last] [--parity]
 
 Prints accuracy, per-class accuracy, same/different-voice EER and the confusion matrix.
 ``--parity`` also runs the plain fp32 model and reports how often the chosen execution's top-1
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from model.data import load_waves, scan
 from model.metrics import summarise
-from model.weights import PRECISIONS, EmbeddingModel, WeightsError, load
+from model.weights import BACKENDS, PRECISIONS, EmbeddingModel, WeightsError, load
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def parity(model: EmbeddingModel, reference: EmbeddingModel, waves: list[torch.T
     agree = [int(f.logits.argmax()) == int(r.logits.argmax()) for f, r in zip(fast, ref, strict=True)]
     cos = [float(F.cosine_similarity(f.embedding, r.embedding, dim=0)) for f, r in zip(fast, ref, strict=True)]
     return {
-        "execution": {"precision": model.precision, "channels_last": model.channels_last},
+        "execution": {"backend": model.backend, "precision": model.precision, "channels_last": model.channels_last},
         "clips": len(waves),
         "top1_agreement": sum(agree) / len(agree),
         "min_cosine": min(cos),
@@ -92,13 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("data_dir", type=Path)
     parser.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--backend", default="torch", choices=list(BACKENDS))
     parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--parity", action="store_true", help="compare with the plain fp32 model")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        model = load(args.weights_dir).configure(args.precision, args.channels_last)
+        model = load(args.weights_dir).configure(args.precision, args.channels_last, args.backend)
         if args.parity:
             waves, _ = load_split(model, args.data_dir, args.split)
             summary = parity(model, load(args.weights_dir), waves)

@@ -9,9 +9,12 @@ the file and the problem.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import math
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,11 +234,57 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
+BACKENDS = ("auto", "torch", "openvino")
+
+
+def openvino_available() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+def resolve_backend(backend: str) -> str:
+    """``auto`` -> ``openvino`` where it is installed, else ``torch``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if backend == "auto":
+        return "openvino" if openvino_available() else "torch"
+    return backend
+
+
+class OpenVINONetwork:
+    """The network compiled by OpenVINO's CPU plugin, called like ``ResNet``: log-mel features
+    ``(B, 1, n_mels, T)`` -> ``(logits, embedding)``. Batch and time are dynamic. Converted from the
+    loaded PyTorch module in memory (no file is written or read), so it computes exactly what the
+    weights define; ``precision`` is its inference precision hint (fp32 keeps fp32 everywhere)."""
+
+    def __init__(self, network: ResNet, n_mels: int, precision: str, threads: int) -> None:
+        import openvino as ov
+
+        batch, frames = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("frames", min=16, max=10**6)
+        exported = torch.export.export(
+            network, (torch.zeros(2, 1, n_mels, 200),), dynamic_shapes=({0: batch, 3: frames},)
+        )
+        converted = ov.convert_model(exported)
+        config = {
+            "INFERENCE_NUM_THREADS": threads,
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+        }
+        self._request = ov.Core().compile_model(converted, "CPU", config).create_infer_request()
+        self._lock = threading.Lock()  # one infer request: one call at a time
+
+    def __call__(self, feats: Tensor) -> tuple[Tensor, Tensor]:
+        with self._lock:
+            out = self._request.infer({0: feats.contiguous().numpy()})
+            # the request reuses its output buffers: copy before the next call
+            return torch.tensor(out[0]), torch.tensor(out[1])
+
+
 class EmbeddingModel:
     """A loaded, checked model: network in eval mode, its front end and its manifest.
 
-    :meth:`configure` picks the execution: ``fp32`` or ``bf16`` autocast (the front end always
-    runs in fp32) and channels-last memory layout. Results are fp32 whatever the precision.
+    :meth:`configure` picks the execution: the backend (PyTorch eager, or the network compiled
+    by OpenVINO), ``fp32`` or ``bf16`` (autocast in PyTorch; the front end always runs in fp32)
+    and, for PyTorch, channels-last memory layout. Results are fp32 whatever the precision.
     """
 
     def __init__(self, network: ResNet, manifest: Manifest) -> None:
@@ -244,11 +293,21 @@ class EmbeddingModel:
         self.features = LogMelSpectrogram(manifest.features).eval()
         self.precision = "fp32"
         self.channels_last = False
+        self.backend = "torch"
+        self._compiled: OpenVINONetwork | None = None
 
-    def configure(self, precision: str = "fp32", channels_last: bool = False) -> EmbeddingModel:
+    def configure(self, precision: str = "fp32", channels_last: bool = False, backend: str = "torch") -> EmbeddingModel:
         self.precision = resolve_precision(precision)
-        self.channels_last = channels_last
-        self.network.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        self.backend = resolve_backend(backend)
+        self.channels_last = channels_last and self.backend == "torch"
+        self.network.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        self._compiled = None
+        if self.backend == "openvino":
+            started = time.perf_counter()
+            self._compiled = OpenVINONetwork(
+                self.network, self.manifest.features.n_mels, self.precision, torch.get_num_threads()
+            )
+            log.info("compiled for OpenVINO in %.1f s", time.perf_counter() - started)
         return self
 
     @property
@@ -267,6 +326,8 @@ class EmbeddingModel:
     def forward_batch(self, waves: Tensor) -> tuple[Tensor, Tensor]:
         """``(B, samples)`` at the model's rate -> ``(logits (B, C), embedding (B, E))`` in fp32."""
         feats = self.features(waves)  # (B, 1, n_mels, T), fp32
+        if self._compiled is not None:
+            return self._compiled(feats)
         if self.channels_last:
             feats = feats.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):

@@ -15,7 +15,7 @@ from app.worker import BatchingWorker
 from model import corpus
 from model.audio import decode
 from model.evaluate import parity
-from model.weights import bf16_native, resolve_precision
+from model.weights import bf16_native, resolve_backend, resolve_precision
 from tests.conftest import SHIPPED_WEIGHTS, speech, wav_bytes
 
 
@@ -37,11 +37,15 @@ def test_split_waves(tmp_path_factory) -> list[torch.Tensor]:
     return waves
 
 
-@pytest.mark.parametrize(("precision", "channels_last"), [("fp32", True), ("bf16", True)])
-def test_every_execution_matches_fp32(test_split_waves, precision, channels_last):
+@pytest.mark.parametrize(
+    ("backend", "precision", "channels_last"),
+    [("torch", "fp32", True), ("torch", "bf16", True), ("openvino", "fp32", False), ("openvino", "auto", False)],
+)
+def test_every_execution_matches_fp32(test_split_waves, backend, precision, channels_last):
     """Where bf16 is not native it is emulated (about 100x slower), so clips are cut to 2.5 s."""
     reference = model.load(SHIPPED_WEIGHTS)
-    fast = model.load(SHIPPED_WEIGHTS).configure(precision, channels_last)
+    fast = model.load(SHIPPED_WEIGHTS).configure(precision, channels_last, backend)
+    assert fast.backend == backend
     result = parity(fast, reference, [w[:40000] for w in test_split_waves])
     assert result["top1_agreement"] >= 0.995, result
     assert result["min_cosine"] >= 0.999, result
@@ -51,10 +55,14 @@ def test_auto_precision_is_bf16_only_where_native():
     assert resolve_precision("auto") == ("bf16" if bf16_native() else "fp32")
     with pytest.raises(ValueError, match="precision must be one of"):
         resolve_precision("fp8")
+    assert resolve_backend("auto") == "openvino"  # installed by the project's dependencies
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("tensorrt")
 
 
-def test_batching_only_equal_length_windows_never_changes_a_result():
-    m = model.load(SHIPPED_WEIGHTS).configure("fp32", channels_last=True)
+@pytest.mark.parametrize("backend", ["torch", "openvino"])
+def test_batching_only_equal_length_windows_never_changes_a_result(backend):
+    m = model.load(SHIPPED_WEIGHTS).configure("fp32", channels_last=True, backend=backend)
     waves = [speech(0, 0), speech(3, 1), speech(0, 0), speech(5, 2)[:30000], speech(7, 3).repeat(4)]
     alone = [m.infer(w, window_s=6.0) for w in waves]
     together = m.infer_many(waves, window_s=6.0, batch_windows=4)
@@ -126,8 +134,9 @@ def test_worker_housekeeping_waits_for_a_quiet_queue_and_still_runs_under_steady
 
 def test_service_batches_concurrent_requests_and_reports_its_execution(client: httpx.Client):
     info = client.get("/v1/model").json()["execution"]
+    assert info["backend"] == "openvino"
     assert info["precision"] == ("bf16" if bf16_native() else "fp32")
-    assert info["channels_last"] is True and info["torch_threads"] >= 1
+    assert info["channels_last"] is False and info["torch_threads"] >= 1  # a PyTorch layout setting
 
     def count() -> tuple[float, float]:
         text = client.get("/metrics").text
