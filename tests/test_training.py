@@ -69,27 +69,6 @@ def test_unseen_conditions_differ_from_the_standard_set(unseen):
     assert {c.split for c in clips} == {"test"}
 
 
-def test_narrowband_opus_is_a_standard_condition_coded_below_4khz(tmp_path):
-    clips = corpus.plan(200, seed=0)
-    narrow = [c for c in clips if c.conditions.get("codec_band") == "narrow"]
-    opus = [c for c in clips if str(c.conditions.get("codec", "")).startswith("opus:")]
-    assert narrow and all(c in opus for c in narrow) and len(narrow) < len(opus)
-    assert not any("codec_band" in c.conditions for c in corpus.plan(20, seed=0, unseen="codec"))
-    t = torch.arange(16000) / 16000
-    wave = 0.3 * (torch.sin(2 * torch.pi * 440 * t) + torch.sin(2 * torch.pi * 6000 * t))
-
-    def share_above_4500hz(band: str) -> float:
-        out = tmp_path / f"{band or 'auto'}.opus"
-        corpus.encode(wave, 16000, "opus:24k", out, band)
-        power = torch.fft.rfft(load_audio(out, 16000)).abs() ** 2
-        return float(power[int(4500 * power.numel() / 8000) :].sum() / power.sum())
-
-    assert share_above_4500hz("") > 0.3  # 24 kb/s Opus keeps the 6 kHz tone...
-    assert share_above_4500hz("narrow") < 0.01  # ...narrowband drops it
-    with pytest.raises(ValueError, match="Opus setting"):
-        corpus.encode(wave, 16000, "mp3:64k", tmp_path / "x.mp3", "narrow")
-
-
 def test_one_training_step_lowers_the_loss(tiny_corpus):
     torch.manual_seed(0)
     data = scan(tiny_corpus)
