@@ -87,10 +87,6 @@ UNSEEN = ("noise", "codec", "rate", "all")
 # set uses only bitrates below each codec's lowest standard one.
 CODEC_KBPS = {"mp3": [24, 32, 48, 64, 96, 128], "opus": [12, 16, 24, 32, 48], "aac": [32, 48, 64, 96, 128]}
 UNSEEN_CODECS = ["mp3:16k", "opus:8k", "aac:24k"]
-# At its lowest bitrates libopus drops to narrowband SILK, which re-synthesises the voice from a
-# parametric model; at the standard bitrates it would stay wideband, so half of the standard Opus
-# clips are forced to narrowband (4 kHz) at those same bitrates.
-OPUS_NARROWBAND_SHARE = 0.5
 
 
 def draw_conditions(rng: random.Random, unseen: str = "") -> dict[str, Any]:
@@ -126,10 +122,6 @@ def draw_conditions(rng: random.Random, unseen: str = "") -> dict[str, Any]:
         c["codec"] = rng.choice(UNSEEN_CODECS)
     if unseen == "all":
         c["reverb_rt60"] = rng.uniform(0.15, 0.7)
-    # Drawn last, and only for the standard set, so that every earlier draw and every unseen set
-    # stay what they were before this condition existed.
-    if not unseen and str(c.get("codec", "")).startswith("opus:") and rng.random() < OPUS_NARROWBAND_SHARE:
-        c["codec_band"] = "narrow"
     return c
 
 
@@ -240,16 +232,10 @@ def ffmpeg_write(wave: torch.Tensor, sr: int, out: Path, options: list[str]) -> 
     subprocess.run([*cmd, *options, str(out)], input=wave.numpy().astype("<f4").tobytes(), check=True, timeout=120)
 
 
-def encode(wave: torch.Tensor, sr: int, codec: str, out: Path, band: str = "") -> None:
-    """Write 16-bit WAV, or a lossy codec at a bitrate (``mp3:64k``); ``band="narrow"`` makes
-    Opus code only up to 4 kHz (narrowband SILK)."""
+def encode(wave: torch.Tensor, sr: int, codec: str, out: Path) -> None:
+    """Write 16-bit WAV, or a lossy codec at a bitrate (``mp3:64k``)."""
     kind, _, rate = codec.partition(":")
-    options = CODEC_OPTIONS[kind] + (["-b:a", rate] if rate else [])
-    if band == "narrow":
-        if kind != "opus":
-            raise ValueError(f"narrowband is an Opus setting, not {kind}")
-        options += ["-cutoff", "4000"]
-    ffmpeg_write(wave, sr, out, options)
+    ffmpeg_write(wave, sr, out, CODEC_OPTIONS[kind] + (["-b:a", rate] if rate else []))
 
 
 def make_clip(clip: Clip, out_dir: Path, seed: int) -> None:
@@ -266,7 +252,7 @@ def make_clip(clip: Clip, out_dir: Path, seed: int) -> None:
         wave, sr = degrade(wave, SAMPLE_RATE, c, gen)
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = Path(tmp) / ("partial" + target.suffix)
-        encode(wave, sr, str(c.get("codec", "wav")), partial, str(c.get("codec_band", "")))
+        encode(wave, sr, str(c.get("codec", "wav")), partial)
         shutil.move(partial, target)  # atomic enough: a resumed run never sees half a clip
 
 
