@@ -15,7 +15,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -225,13 +225,15 @@ def bf16_native() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def _resolve(what: str, value: str, choices: tuple[str, ...], auto: Callable[[], str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {', '.join(choices)}, not {value!r}")
+    return auto() if value == "auto" else value
+
+
 def resolve_precision(precision: str) -> str:
     """``auto`` -> ``bf16`` where the CPU has native bf16, else ``fp32``."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    if precision == "auto":
-        return "bf16" if bf16_native() else "fp32"
-    return precision
+    return _resolve("precision", precision, PRECISIONS, lambda: "bf16" if bf16_native() else "fp32")
 
 
 BACKENDS = ("auto", "torch", "openvino")
@@ -243,11 +245,7 @@ def openvino_available() -> bool:
 
 def resolve_backend(backend: str) -> str:
     """``auto`` -> ``openvino`` where it is installed, else ``torch``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
-    if backend == "auto":
-        return "openvino" if openvino_available() else "torch"
-    return backend
+    return _resolve("backend", backend, BACKENDS, lambda: "openvino" if openvino_available() else "torch")
 
 
 # OpenVINO's CPU plugin keeps a prepared executor per input shape, 5000 by default: with every
