@@ -86,6 +86,11 @@ UNSEEN = ("noise", "codec", "rate", "all")
 # Lossy codecs in the standard set go down to low-bitrate VoIP and streaming settings; the unseen
 # set uses only bitrates below each codec's lowest standard one.
 CODEC_KBPS = {"mp3": [24, 32, 48, 64, 96, 128], "opus": [12, 16, 24, 32, 48], "aac": [32, 48, 64, 96, 128]}
+# A quarter of the standard set's coded clips use each codec's lowest setting, the one real VoIP
+# apps fall back to (Opus 10 kb/s is narrowband SILK). Drawn last, so every other condition,
+# and every unseen set, is the same as before this setting was added.
+LOW_KBPS = {"mp3": 20, "opus": 10, "aac": 28}
+LOW_SHARE = 0.25
 UNSEEN_CODECS = ["mp3:16k", "opus:8k", "aac:24k"]
 
 
@@ -122,6 +127,9 @@ def draw_conditions(rng: random.Random, unseen: str = "") -> dict[str, Any]:
         c["codec"] = rng.choice(UNSEEN_CODECS)
     if unseen == "all":
         c["reverb_rt60"] = rng.uniform(0.15, 0.7)
+    if not unseen and "codec" in c and rng.random() < LOW_SHARE:
+        kind = str(c["codec"]).split(":")[0]
+        c["codec"] = f"{kind}:{LOW_KBPS[kind]}k"
     return c
 
 

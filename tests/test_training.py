@@ -65,6 +65,11 @@ def test_unseen_conditions_differ_from_the_standard_set(unseen):
     if unseen in ("codec", "all"):
         assert {c.conditions["codec"] for c in clips} <= set(corpus.UNSEEN_CODECS)
         assert not set(corpus.UNSEEN_CODECS) & {c.conditions.get("codec") for c in standard}
+        unseen_kbps = dict(codec.split(":") for codec in corpus.UNSEEN_CODECS)
+        for c in standard:
+            if "codec" in c.conditions:  # every standard bitrate lies above the unseen one
+                kind, kbps = c.conditions["codec"].split(":")
+                assert int(kbps.rstrip("k")) > int(unseen_kbps[kind].rstrip("k"))
     assert not {c.text for c in clips} & {c.text for c in standard}
     assert {c.split for c in clips} == {"test"}
 
