@@ -3,7 +3,8 @@
     .venv/bin/python -m bench.run [--duration 20] [--concurrency 8] [--json runs/bench/latest.json]
 
 In one process and one run (the machines are noisy, so only ratios within a run mean much):
-  1. hardware ceiling: fp32 and bf16 matrix-product GFLOP/s (torch, all cores);
+  1. hardware ceiling: fp32 and bf16 matrix-product GFLOP/s (torch, all cores), and the CPU's
+     fp32 FMA peak (``bench/fma_peak.c``, built with the C compiler where there is one);
   2. model-only ceiling: the same clips through the same front end and network in-process, same
      precision, layout and threads as the service, no HTTP (one clip at a time, and batched the
      way the service's worker batches);
@@ -21,11 +22,13 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -56,6 +59,23 @@ def matmul_gflops(dtype: torch.dtype, n: int = 1024, seconds: float = 3.0) -> fl
         a @ b
         done += 1
     return 2 * n**3 * done / (time.perf_counter() - start) / 1e9
+
+
+def fma_peak_gflops(threads: int, seconds: float = 2.0) -> float | None:
+    """fp32 FMA issue rate on ``threads`` cores: what no kernel can exceed without doing fewer
+    multiplications (Winograd, int8). None where there is no C compiler or no AVX2 + FMA."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else []
+    if cc is None or "avx2" not in flags or "fma" not in flags:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = Path(tmp) / "fma_peak"
+        build = [cc, "-O3", "-mavx2", "-mfma", "-fopenmp", str(ROOT / "bench" / "fma_peak.c"), "-o", str(exe)]
+        if subprocess.run(build, capture_output=True).returncode != 0:
+            return None
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        out = subprocess.run([str(exe), str(seconds)], capture_output=True, text=True, env=env, check=True)
+    return float(out.stdout.strip())
 
 
 def flops_per_clip(m: model.EmbeddingModel, samples: int, window_s: float) -> int:
@@ -264,7 +284,11 @@ def main(argv: list[str] | None = None) -> int:
         "concurrency": args.concurrency,
     }
     print("hardware ceiling ...", file=sys.stderr)
-    report["hardware"] = {"fp32_gflops": matmul_gflops(torch.float32), "bf16_gflops": matmul_gflops(torch.bfloat16)}
+    report["hardware"] = {
+        "fp32_gflops": matmul_gflops(torch.float32),
+        "bf16_gflops": matmul_gflops(torch.bfloat16),
+        "fp32_fma_peak_gflops": fma_peak_gflops(threads),
+    }
     report["flops_per_3s_clip"] = flops_per_clip(m, 3 * m.sample_rate, settings.window_s)
     mixed_flops = [flops_per_clip(m, w.numel(), settings.window_s) for w in waves["mixed"]]
     report["flops_per_mixed_audio_s"] = sum(mixed_flops) / sum(w.numel() / m.sample_rate for w in waves["mixed"])
@@ -292,6 +316,13 @@ def main(argv: list[str] | None = None) -> int:
         "achieved_over_fp32_matmul": achieved / hw["fp32_gflops"],
         "light_p50_minus_model_only_ms": svc["3s_light"]["p50_ms"] - mo["3s"]["single"]["ms_per_call_p50"],
     }
+    peak = hw["fp32_fma_peak_gflops"]
+    if peak:
+        naive_gflops = nv["3s_saturated"]["clips_per_s"] * report["flops_per_3s_clip"] / 1e9
+        report["ratios"]["achieved_over_fp32_fma_peak"] = achieved / peak
+        report["ratios"]["naive_over_fp32_fma_peak"] = naive_gflops / peak
+        # the most served/naive any direct fp32 convolution can reach here: the naive run's work at FMA peak
+        report["ratios"]["served_over_naive_3s_at_fma_peak"] = peak / naive_gflops
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print_table(report)
@@ -304,7 +335,8 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"\nmachine: {r['machine']}; service: {r['service_settings']}")
     print(
         f"hardware: fp32 matmul {r['hardware']['fp32_gflops']:.0f} GFLOP/s, "
-        f"bf16 matmul {r['hardware']['bf16_gflops']:.0f} GFLOP/s; "
+        f"bf16 matmul {r['hardware']['bf16_gflops']:.0f} GFLOP/s, "
+        f"fp32 FMA peak {r['hardware'].get('fp32_fma_peak_gflops') or float('nan'):.0f} GFLOP/s; "
         f"ResNet18 3 s clip = {r['flops_per_3s_clip'] / 1e9:.1f} GFLOP"
     )
     print(f"\n{'':28}{'clips/s':>9}{'audio s/s':>11}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'fail':>6}")
