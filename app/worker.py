@@ -46,7 +46,7 @@ class BatchingWorker(Generic[In, Out]):
         on_batch: Callable[[list[float]], None] | None = None,
         on_idle: Callable[[], None] | None = None,
         idle_after_s: float = 0.05,
-        idle_every_s: float = 10.0,
+        idle_every_s: float = 2.0,
     ) -> None:
         self._run = run
         self._max = max_clips

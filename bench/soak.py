@@ -20,6 +20,7 @@ import random
 import sys
 import time
 import wave
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
@@ -40,15 +41,21 @@ def wav_bytes(samples: np.ndarray, sr: int) -> bytes:
     return buf.getvalue()
 
 
-async def soak(server: Server, speech: np.ndarray, sr: int, args: argparse.Namespace) -> dict[str, object]:
+@dataclass
+class SoakResult:
+    failures: int = 0
+    rss_samples: list[tuple[int, float]] = field(default_factory=list)  # (requests done, RSS MB)
+
+
+async def soak(server: Server, speech: np.ndarray, sr: int, args: argparse.Namespace) -> SoakResult:
     rng = random.Random(0)
     todo = list(range(args.requests))
-    samples: list[tuple[int, float]] = []
-    failures = 0
+    result = SoakResult()
+    samples = result.rss_samples
     done = 0
 
     async def client(http: httpx.AsyncClient) -> None:
-        nonlocal failures, done
+        nonlocal done
         while todo:
             todo.pop()
             n = int(round(rng.uniform(args.min_s, args.max_s), 2) * sr)
@@ -58,15 +65,15 @@ async def soak(server: Server, speech: np.ndarray, sr: int, args: argparse.Names
                 content=wav_bytes(speech[start : start + n], sr),
                 headers={"Content-Type": "audio/wav"},
             )
-            failures += r.status_code != 200
+            result.failures += r.status_code != 200
             done += 1
             if done % args.sample_every == 0:
                 samples.append((done, rss_mb(server.proc.pid)))
-                print(f"{done:6d} requests  RSS {samples[-1][1]:.0f} MB  failures {failures}", file=sys.stderr)
+                print(f"{done:6d} requests  RSS {samples[-1][1]:.0f} MB  failures {result.failures}", file=sys.stderr)
 
     async with httpx.AsyncClient(timeout=300.0) as http:
         await asyncio.gather(*(client(http) for _ in range(args.concurrency)))
-    return {"failures": failures, "rss_samples": samples}
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.stop()
     growth = final / warm - 1
-    peak = max([final] + [rss for _, rss in result["rss_samples"]])  # type: ignore[attr-defined]
+    peak = max([final] + [rss for _, rss in result.rss_samples])
     peak_growth = peak / warm - 1
     report = {
         **vars(args),
@@ -105,14 +112,14 @@ def main(argv: list[str] | None = None) -> int:
         "rss_mb_peak_sampled": peak,
         "peak_growth": peak_growth,
         "wall_s": time.perf_counter() - started,
-        **result,
+        **asdict(result),
     }
     args.json.write_text(json.dumps(report, indent=2) + "\n")
-    ok = growth <= 0.10 and result["failures"] == 0
+    ok = growth <= 0.10 and result.failures == 0
     print(
         f"RSS warm {warm:.0f} MB -> after {args.requests} requests {final:.0f} MB "
         f"({100 * growth:+.1f} %), highest sample under load {peak:.0f} MB ({100 * peak_growth:+.1f} %), "
-        f"failures {result['failures']}: {'OK' if ok else 'FAIL'}"
+        f"failures {result.failures}: {'OK' if ok else 'FAIL'}"
     )
     return 0 if ok else 1
 
