@@ -1,6 +1,7 @@
 /* Peak fp32 FMA throughput of this CPU: every core issues independent 8-wide fused
  * multiply-adds from registers (no memory traffic), so no real kernel can go faster.
- * Built and run by bench/run.py:  cc -O2 -mavx2 -mfma -fopenmp fma_peak.c && ./a.out SECONDS
+ * Built and run by bench/run.py:  cc -O3 -mavx2 -mfma -fopenmp fma_peak.c && ./a.out SECONDS
+ * (-O3: at -O2 gcc keeps the accumulators in memory and measures store latency instead).
  * Prints GFLOP/s over all threads (OMP_NUM_THREADS, default: every core). */
 #include <immintrin.h>
 #include <omp.h>

@@ -65,8 +65,8 @@ def fma_peak_gflops(threads: int, seconds: float = 2.0) -> float | None:
     """fp32 FMA issue rate on ``threads`` cores: what no kernel can exceed without doing fewer
     multiplications (Winograd, int8). None where there is no C compiler or no AVX2 + FMA."""
     cc = shutil.which("cc") or shutil.which("gcc")
-    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else []
-    if cc is None or "avx2" not in flags or "fma" not in flags:
+    # ATen's AVX2 (and AVX512) dispatch level requires AVX2 and FMA
+    if cc is None or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None
     with tempfile.TemporaryDirectory() as tmp:
         exe = Path(tmp) / "fma_peak"
@@ -305,7 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     report["naive"] = serve_and_drive(naive, "/docs", sets, args)
 
     svc, mo, nv, hw = report["service"], report["model_only"], report["naive"], report["hardware"]
-    achieved = svc["3s_saturated"]["clips_per_s"] * report["flops_per_3s_clip"] / 1e9
+
+    def gflops_3s(served: dict[str, Any]) -> float:
+        return float(served["3s_saturated"]["clips_per_s"] * report["flops_per_3s_clip"] / 1e9)
+
+    achieved = gflops_3s(svc)
     report["achieved_gflops_3s"] = achieved
     report["ratios"] = {
         "served_over_model_only_3s": svc["3s_saturated"]["clips_per_s"] / mo["3s"]["clips_per_s"],
@@ -318,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     peak = hw["fp32_fma_peak_gflops"]
     if peak:
-        naive_gflops = nv["3s_saturated"]["clips_per_s"] * report["flops_per_3s_clip"] / 1e9
+        naive_gflops = gflops_3s(nv)
         report["ratios"]["achieved_over_fp32_fma_peak"] = achieved / peak
         report["ratios"]["naive_over_fp32_fma_peak"] = naive_gflops / peak
         # the most served/naive any direct fp32 convolution can reach here: the naive run's work at FMA peak
