@@ -64,11 +64,8 @@ class InferenceService:
         trim = memory.trimmer() if s.trim_memory else None
         if trim is not None:
             trim()  # warm-up's garbage: RSS from here on is the serving footprint
-        # Trimming costs a few ms: when the worker has been idle 50 ms, and at most 2 s apart
-        # under steady load (bench.soak measures what that bounds).
-        self._worker = BatchingWorker(
-            self._infer_batch, s.batch_clips, self._on_batch, on_idle=trim, idle_after_s=0.05, idle_every_s=2.0
-        )
+        # trims on the worker's idle schedule (its defaults; bench.soak measures what that bounds)
+        self._worker = BatchingWorker(self._infer_batch, s.batch_clips, self._on_batch, on_idle=trim)
         m = loaded.manifest
         info = {"name": m.name, "version": m.version, "sha256": m.sha256, "arch": m.architecture}
         self.metrics.model.info({**info, "backend": loaded.backend, "precision": loaded.precision})

@@ -36,7 +36,8 @@ class BatchingWorker(Generic[In, Out]):
 
     ``on_idle`` is housekeeping that must not delay a waiting clip (the service returns free
     memory to the OS): it runs once the queue has stayed empty for ``idle_after_s`` after some
-    work, and, so that it also happens under steady load, at most ``idle_every_s`` apart.
+    work, and, so that it also happens under steady load, at most ``idle_every_s`` apart. The
+    defaults suit the service's ``malloc_trim`` (a few ms): after 50 ms idle, at most every 2 s.
     """
 
     def __init__(
