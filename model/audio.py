@@ -133,6 +133,27 @@ def resample(wave: Tensor, orig_rate: int, new_rate: int) -> Tensor:
     return AF.resample(wave, orig_rate, new_rate)
 
 
+# FFmpeg encoder -> the container it usually travels in.
+CONTAINERS = {"libopus": "ogg", "libmp3lame": "mp3", "aac": "adts"}
+
+
+def encode(wave: Tensor, sample_rate: int, codec: str, bitrate: int, options: dict[str, str] | None = None) -> bytes:
+    """A mono float waveform -> a lossy file's bytes: ``codec`` (an FFmpeg encoder in
+    ``CONTAINERS``) at ``bitrate`` b/s, with encoder ``options`` (e.g. libopus ``cutoff``)."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=CONTAINERS[codec]) as container:
+        stream = container.add_stream(codec, rate=sample_rate, layout="mono")
+        assert isinstance(stream, av.audio.stream.AudioStream)
+        stream.bit_rate = bitrate
+        if options:
+            stream.options = dict(options)
+        frame = av.AudioFrame.from_ndarray(wave.numpy().astype(np.float32)[None], format="flt", layout="mono")
+        frame.sample_rate = sample_rate
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    return buf.getvalue()
+
+
 def load(path: str | Path, sample_rate: int, max_seconds: float | None = None) -> Tensor:
     """A file on disk -> mono float32 waveform at ``sample_rate``."""
     return to_mono(decode(Path(path), max_seconds=max_seconds), sample_rate)

@@ -87,8 +87,9 @@ UNSEEN = ("noise", "codec", "rate", "all")
 # set uses only bitrates below each codec's lowest standard one.
 CODEC_KBPS = {"mp3": [24, 32, 48, 64, 96, 128], "opus": [12, 16, 24, 32, 48], "aac": [32, 48, 64, 96, 128]}
 # A quarter of the standard set's coded clips use each codec's lowest setting, the one real VoIP
-# apps fall back to (Opus 10 kb/s is narrowband SILK). Drawn last, so every other condition,
-# and every unseen set, is the same as before this setting was added.
+# apps fall back to. Drawn last, so every other condition, and every unseen set, is the same as
+# before this setting was added. (libopus still codes 10 kb/s as wideband; it switches to
+# narrowband SILK only below about 9 kb/s. Training adds that mode on the fly: model/train.py.)
 LOW_KBPS = {"mp3": 20, "opus": 10, "aac": 28}
 LOW_SHARE = 0.25
 UNSEEN_CODECS = ["mp3:16k", "opus:8k", "aac:24k"]

@@ -2,8 +2,8 @@
 
     python -m model.train --data DIR --arch resnet18 --out DIR [--epochs N] [--resume]
 
-Random crops, features from the same front end the service uses, SpecAugment masking, a
-one-cycle learning-rate schedule, a checkpoint every epoch (``--resume`` continues from it),
+Random crops, features from the same front end the service uses, lossy-codec and SpecAugment
+augmentation, a one-cycle learning-rate schedule, a checkpoint every epoch (``--resume`` continues from it),
 validation accuracy and same/different-voice EER every epoch, early stopping, bf16 autocast
 where the CPU supports it. Writes ``OUT/weights/`` (metrics and the calibrated verification
 threshold in the manifest) and a report: ``OUT/report/{curves,confusion}.png`` and
@@ -31,6 +31,7 @@ import torchaudio
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from model.audio import decode, encode, to_mono
 from model.data import Dataset, load_waves, random_crop, scan
 from model.features import FeatureConfig, LogMelSpectrogram
 from model.metrics import summarise
@@ -56,6 +57,7 @@ class TrainConfig:
     seed: int = 0
     bf16: str = "auto"  # auto | on | off
     eval_max_s: float = 8.0
+    codec_share: float = 0.3  # share of training crops passed through a lossy codec
 
 
 def bf16_supported() -> bool:
@@ -80,6 +82,44 @@ class SpecAugment(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.time(self.freq(x))
+
+
+# Lossy codecs applied to training crops on the fly: (FFmpeg encoder, b/s, libopus bandwidth
+# cutoff in Hz). Below about 9 kb/s libopus switches to narrowband SILK (nothing above 4 kHz),
+# a mode a wideband corpus never contains; the cutoff forces it at higher bitrates. The other
+# entries cover each codec's low VoIP and streaming settings.
+CODEC_SETTINGS: list[tuple[str, int, int]] = [
+    ("libopus", 10_000, 4000),
+    ("libopus", 12_000, 4000),
+    ("libopus", 12_000, 6000),
+    ("libopus", 16_000, 0),
+    ("libmp3lame", 20_000, 0),
+    ("libmp3lame", 32_000, 0),
+    ("aac", 28_000, 0),
+    ("aac", 48_000, 0),
+]
+
+
+class CodecAugment:
+    """Encode and decode a ``share`` of the crops with a random entry of ``settings``, as
+    SpeechBrain's CodecAugment does (its torchaudio ``apply_codec`` is gone from torchaudio 2.9,
+    so this calls FFmpeg through PyAV). Lengths are kept: AAC's priming samples are cut off the
+    end, so the crop shifts by a few milliseconds."""
+
+    def __init__(self, share: float, sample_rate: int, settings: list[tuple[str, int, int]] = CODEC_SETTINGS) -> None:
+        self.share, self.sample_rate, self.settings = share, sample_rate, settings
+
+    def one(self, wave: Tensor, setting: tuple[str, int, int]) -> Tensor:
+        codec, bitrate, cutoff = setting
+        data = encode(wave, self.sample_rate, codec, bitrate, {"cutoff": str(cutoff)} if cutoff else None)
+        out = to_mono(decode(data), self.sample_rate)[: wave.numel()]
+        return F.pad(out, (0, wave.numel() - out.numel()))
+
+    def __call__(self, waves: Tensor, gen: torch.Generator) -> Tensor:
+        picks = torch.rand(len(waves), generator=gen) < self.share
+        choice = torch.randint(len(self.settings), (len(waves),), generator=gen)
+        rows = [self.one(w, self.settings[int(c)]) if p else w for w, p, c in zip(waves, picks, choice, strict=True)]
+        return torch.stack(rows)
 
 
 def train_step(
@@ -190,6 +230,7 @@ def train(
     network = build(cfg.arch, num_classes=len(labels), embedding_size=cfg.embedding_size)
     features = LogMelSpectrogram(feature_cfg)
     augment = SpecAugment(cfg.freq_mask, cfg.time_mask)
+    codec_augment = CodecAugment(cfg.codec_share, feature_cfg.sample_rate)
     bf16 = use_bf16(cfg.bf16)
     steps_per_epoch = math.ceil(len(train_items) / cfg.batch_size)
     optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -225,6 +266,7 @@ def train(
         for step in bar:
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             waves = torch.stack([random_crop(train_waves[i], crop, gen) for i in idx.tolist()])
+            waves = codec_augment(waves, gen)
             gains = 10 ** (torch.empty(len(idx), 1).uniform_(-0.5, 0.3, generator=gen))  # +-dB, beyond the corpus
             loss = train_step(
                 network, features, augment, optimizer, waves * gains, train_targets[idx], cfg.label_smoothing, bf16
