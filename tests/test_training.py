@@ -14,7 +14,7 @@ from model.audio import load as load_audio
 from model.data import random_crop, scan
 from model.evaluate import evaluate
 from model.features import FeatureConfig, LogMelSpectrogram
-from model.train import SpecAugment, TrainConfig, train, train_step
+from model.train import CODEC_SETTINGS, CodecAugment, SpecAugment, TrainConfig, train, train_step
 from tests.conftest import SHIPPED_WEIGHTS, speech
 
 
@@ -101,6 +101,29 @@ def test_spec_augment_masks_each_item_differently():
     masked = SpecAugment(20, 30)(feats)
     assert (masked == 0).any()
     assert not all(torch.equal(masked[0], masked[i]) for i in range(1, 4))
+
+
+def _share_above(wave: torch.Tensor, hz: float) -> float:
+    power = torch.stft(wave, 512, 160, window=torch.hann_window(512), return_complex=True).abs() ** 2
+    return float(power[torch.fft.rfftfreq(512, 1 / 16000) > hz].sum() / power.sum())
+
+
+def test_codec_augment_codes_crops_like_low_bitrate_voip():
+    t = torch.arange(16000) / 16000
+    crop = speech(5)[:16000] + 0.05 * torch.sin(2 * torch.pi * 6000 * t)  # speech plus a 6 kHz tone
+    assert _share_above(crop, 4500) > 0.01
+    augment = CodecAugment(1.0, 16000)
+    for setting in CODEC_SETTINGS:
+        out = augment.one(crop, setting)
+        assert out.shape == crop.shape and torch.isfinite(out).all()
+        assert 0.5 < float(out.norm() / crop.norm()) < 1.5, setting  # the signal, not silence
+        if setting[2] == 4000:  # narrowband Opus: nothing left above 4 kHz
+            assert _share_above(out, 4500) < 1e-3, setting
+    batch = torch.stack([crop] * 4)
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(CodecAugment(0.0, 16000)(batch, gen), batch)
+    coded = augment(batch, gen)
+    assert all(not torch.equal(row, crop) for row in coded)
 
 
 def test_training_features_equal_serving_features(tiny_corpus):
