@@ -103,8 +103,9 @@ CODEC_SETTINGS: list[tuple[str, int, int]] = [
 class CodecAugment:
     """Encode and decode a ``share`` of the crops with a random entry of ``settings``, as
     SpeechBrain's CodecAugment does (its torchaudio ``apply_codec`` is gone from torchaudio 2.9,
-    so this calls FFmpeg through PyAV). Lengths are kept: AAC's priming samples are cut off the
-    end, so the crop shifts by a few milliseconds."""
+    so this calls FFmpeg through PyAV). Lengths are kept: the output is cut to the crop's length,
+    so AAC crops (whose raw ADTS stream does not mark the encoder's 1024 priming samples) start
+    64 ms late at 16 kHz, which a random crop does not mind."""
 
     def __init__(self, share: float, sample_rate: int, settings: list[tuple[str, int, int]] = CODEC_SETTINGS) -> None:
         self.share, self.sample_rate, self.settings = share, sample_rate, settings
