@@ -50,16 +50,16 @@ serve: $(STAMP) ## start the service on the shipped weights (PORT=8000)
 	WEIGHTS_DIR=$(WEIGHTS_DIR) HOST=$(HOST) PORT=$(PORT) $(PY) -m app
 
 corpus: $(STAMP) system-deps ## synthesise the 9-voice corpus into $(DATA)
-	$(PY) -m model.corpus $(DATA) --per-voice $(PER_VOICE) --seed $(SEED)
+	$(PY) -m model.training.corpus $(DATA) --per-voice $(PER_VOICE) --seed $(SEED)
 
 corpus-unseen: $(STAMP) system-deps ## fresh sentences in recording conditions the corpus never uses
-	$(PY) -m model.corpus $(UNSEEN) --per-voice 20 --seed $(SEED) --conditions unseen-all
+	$(PY) -m model.training.corpus $(UNSEEN) --per-voice 20 --seed $(SEED) --conditions unseen-all
 
 train: $(STAMP) ## train ResNet18 on $(DATA), write $(RUN)/weights
-	$(PY) -m model.train --data $(DATA) --arch resnet18 --out $(RUN) --epochs $(EPOCHS) --seed $(SEED)
+	$(PY) -m model.training.train --data $(DATA) --arch resnet18 --out $(RUN) --epochs $(EPOCHS) --seed $(SEED)
 
 evaluate: $(STAMP) ## evaluate $(WEIGHTS_DIR) on the test split of $(DATA)
-	$(PY) -m model.evaluate $(WEIGHTS_DIR) $(DATA) --split test
+	$(PY) -m model.training.evaluate $(WEIGHTS_DIR) $(DATA) --split test
 
 bench: $(STAMP) system-deps ## service vs model-only, naive baseline and hardware ceilings, in one run
 	$(PY) -m bench.run

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from model.audio import resample
-from model.corpus import SENTENCE_POOL, VOICES, encode, synthesise
-from model.sentences import sentences
+from model.training.corpus import SENTENCE_POOL, VOICES, encode, synthesise
+from model.training.sentences import sentences
 
 SR = 16000
 SETS = ("3s", "mixed")

@@ -1,4 +1,4 @@
-"""The network, its spectrogram front end, the weights format and the training tools."""
+"""The network, its spectrogram front end, audio, the weights format and runtime (training: model.training)."""
 
 from model.features import FeatureConfig, LogMelSpectrogram
 from model.resnet import (

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from model.audio import resample
-from model.corpus import LABELS, SENTENCE_POOL, VOICES, ffmpeg_write, synthesise
-from model.sentences import sentences
+from model.training.corpus import LABELS, SENTENCE_POOL, VOICES, ffmpeg_write, synthesise
+from model.training.sentences import sentences
 
 HERE = Path(__file__).resolve().parent
 TEXT = sentences(8, salt="samples", exclude=sentences(SENTENCE_POOL))

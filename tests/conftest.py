@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from model.audio import resample
-from model.corpus import SENTENCE_POOL, VOICES, ffmpeg_write, synthesise
-from model.sentences import sentences
+from model.training.corpus import SENTENCE_POOL, VOICES, ffmpeg_write, synthesise
+from model.training.sentences import sentences
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_WEIGHTS = ROOT / "weights"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.corpus import LABELS
+from model.training.corpus import LABELS
 from tests.conftest import FORMATS, Server, encode, speech, wav_bytes
 
 # format -> (sample rate, channels); a spread of odd rates and stereo

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import model
-from model import corpus
+from model.training import corpus
 from model.audio import load as load_audio
-from model.data import random_crop, scan
-from model.evaluate import evaluate
+from model.training.data import random_crop, scan
+from model.training.evaluate import evaluate
 from model.features import FeatureConfig, LogMelSpectrogram
-from model.train import CODEC_SETTINGS, CodecAugment, SpecAugment, TrainConfig, train, train_step
+from model.training.train import CODEC_SETTINGS, CodecAugment, SpecAugment, TrainConfig, train, train_step
 from tests.conftest import SHIPPED_WEIGHTS, speech
 
 
