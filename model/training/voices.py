@@ -1,0 +1,191 @@
+"""The voice catalogue: the 9 labelled voices, hundreds of training voices and the open-set split.
+
+Voices come from Debian's synthesisers: espeak-ng's voice variants spoken with its English
+accents, flite's and festival's voices (festival's other-language voices reading English count as
+voices of their own), and pseudo-speakers: a synthesised voice with a fixed per-speaker speed
+warp (resampling, which moves pitch, formants and tempo together, as a shorter or longer vocal
+tract does), which WeSpeaker and 3D-Speaker also count as new speakers.
+
+Roles: ``label`` (the 9 classes of the shipped head, unchanged), ``train`` (more voices for the
+embedding), ``open-val`` and ``open-test`` (voices held out of training, for calibration and
+selection, and for the open-set figures). Held-out espeak-ng voices are held out as whole variant
+families (``robosoft`` .. ``robosoft8`` together), in every accent, so no test voice is a near
+copy of a training voice.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+# Reserved for an independent evaluation of this project's models: never train, validate,
+# calibrate or select on these, in any accent. A corpus that held them would make that
+# evaluation measure voices the model has heard. espeak-ng variants are matched on the variant
+# file's name, case-insensitively (espeak-ng itself is case-sensitive and silently falls back to
+# the base voice on a wrong case, so 'David' must be refused as well as 'david').
+RESERVED_ESPEAK_VARIANTS = frozenset(
+    v.lower() for v in ("m1", "f1", "m2", "f3", "m4", "f5", "Andy", "Annie", "klatt2", "david", "linda")
+)
+# Festival's Italian voices (festvox-italp16k, festvox-itapc16k): reserved for the same reason.
+RESERVED_FESTIVAL_VOICES = frozenset({"lp_diphone", "pc_diphone"})
+# Not reserved by name, but kept out all the same: AnxiousAndy is the reserved Andy with another
+# pitch and a few formants changed (same formant 0 and 1), so training on it would leak Andy.
+NEAR_RESERVED_ESPEAK_VARIANTS = frozenset({"anxiousandy"})
+
+
+class ReservedVoiceError(ValueError):
+    """A voice kept for independent evaluation was asked for."""
+
+
+@dataclass(frozen=True)
+class Voice:
+    label: str  # unique speaker name, also the corpus folder
+    engine: str  # flite | festival | espeak
+    name: str  # flite -voice, festival (voice_...) command, espeak-ng -v
+    warp: float = 1.0  # pseudo-speaker speed warp (1.0: the voice as synthesised)
+    role: str = "label"  # label | train | open-val | open-test
+
+    def __post_init__(self) -> None:
+        check_not_reserved(self.engine, self.name)
+
+
+def check_not_reserved(engine: str, name: str) -> None:
+    """Refuse a reserved voice (any accent, any case): raises ReservedVoiceError."""
+    if engine == "espeak":
+        variant = name.partition("+")[2].lower()
+        if variant in RESERVED_ESPEAK_VARIANTS or variant in NEAR_RESERVED_ESPEAK_VARIANTS:
+            raise ReservedVoiceError(f"espeak-ng variant {variant!r} is reserved for independent evaluation")
+    elif engine == "festival":
+        voice = name.strip("()").removeprefix("voice_").lower()
+        if voice in RESERVED_FESTIVAL_VOICES or voice.startswith(("lp_", "pc_")):
+            raise ReservedVoiceError(f"festival voice {voice!r} (Italian) is reserved for independent evaluation")
+
+
+LABEL_VOICES = [
+    Voice("flite-awb", "flite", "awb"),
+    Voice("flite-rms", "flite", "rms"),
+    Voice("flite-slt", "flite", "slt"),
+    Voice("flite-kal16", "flite", "kal16"),
+    Voice("festival-ked", "festival", "voice_ked_diphone"),
+    Voice("espeak-en-us-m3", "espeak", "en-us+m3"),
+    Voice("espeak-en-us-f2", "espeak", "en-us+f2"),
+    Voice("espeak-en-gb-m7", "espeak", "en-gb+m7"),
+    Voice("espeak-en-gb-scotland-f4", "espeak", "en-gb-scotland+f4"),
+]
+
+# espeak-ng's voice variant files (voices/!v/ of Debian 12's espeak-ng-data, 101 files), by file
+# name as espeak-ng wants it; the reserved ones are listed too and filtered out below, so this
+# list can be compared with `espeak-ng --voices=variant` as it is.
+ESPEAK_VARIANT_FILES = [
+    "adam", "Alex", "Alicia", "Andrea", "Andy", "Annie", "antonio", "aunty", "belinda", "benjamin", "boris",
+    "caleb", "david", "Demonic", "Denis", "Diogo", "ed", "edward", "edward2", "Gene", "Gene2", "gustave",
+    "announcer", "Henrique", "Hugo", "iven", "iven2", "iven3", "iven4", "Jacky", "john", "kaukovalta", "Lee",
+    "linda", "marcelo", "Marco", "Mario", "max", "Michael", "michel", "miguel", "Mike", "Mr", "Nguyen",
+    "pablo", "paul", "pedro", "quincy", "RicishayMax", "RicishayMax2", "RicishayMax3", "rob", "robert",
+    "robosoft", "robosoft2", "robosoft3", "robosoft4", "robosoft5", "robosoft6", "robosoft7", "robosoft8",
+    "steph", "steph2", "steph3", "Storm", "Tweaky", "UniRobot", "zac", "anika", "anikaRobot", "AnxiousAndy",
+    "fast", "f2", "f3", "f4", "f5", "whisperf", "grandpa", "klatt", "klatt2", "klatt3", "klatt4", "klatt5",
+    "klatt6", "m2", "m3", "m4", "m5", "m6", "m7", "norbert", "sandro", "shelby", "travis", "victor",
+    "whisper", "m8", "f1", "croak", "m1", "grandma",
+]  # fmt: skip
+ESPEAK_ACCENTS = (
+    "en-us",
+    "en-gb",
+    "en-gb-scotland",
+    "en-gb-x-rp",
+    "en-gb-x-gbclan",
+    "en-gb-x-gbcwmd",
+    "en-029",
+    "en-us-nyc",
+)
+# Festival's other-language voices in Debian main, reading English (Italian ones are reserved;
+# the Hindi, Marathi and Telugu packages fail in Debian 12: their phone set files are missing).
+# kal_diphone and the HTS slt voice are left out: they are the speakers of flite's kal16 and slt,
+# two of the 9 labels, and a second label for the same person would teach the embedding that one
+# voice is two.
+FESTIVAL_VOICES = (
+    "voice_msu_ru_nsh_clunits",
+    "voice_suo_fi_lj_diphone",
+    "voice_hy_fi_mv_diphone",
+    "voice_czech_dita",
+    "voice_czech_machac",
+    "voice_czech_krb",
+    "voice_czech_ph",
+    "voice_upc_ca_ona_hts",
+)
+WARPS = (0.88, 0.94, 1.06, 1.12)  # pseudo-speakers: fixed speed warps of a base voice
+OPEN_VAL_FAMILIES = 12
+OPEN_TEST_FAMILIES = 16
+ACCENTS_PER_TRAIN_VARIANT = 6
+ESPEAK_WARPED_VARIANTS = 24  # training espeak variants that also get warped pseudo-speakers (en-us)
+
+
+def usable_variants() -> list[str]:
+    """Variant files that are neither reserved nor near copies of a reserved one."""
+    out = []
+    for v in ESPEAK_VARIANT_FILES:
+        low = v.lower()
+        if low not in RESERVED_ESPEAK_VARIANTS and low not in NEAR_RESERVED_ESPEAK_VARIANTS:
+            out.append(v)
+    return out
+
+
+def family(variant: str, variants: list[str]) -> str:
+    """``robosoft7`` -> ``robosoft`` when ``robosoft`` is a variant too; else the variant itself.
+    (``m3`` stays ``m3``: there is no plain ``m``.) ``anikaRobot`` goes with ``anika``."""
+    base = re.sub(r"\d+$", "", variant)
+    if base != variant and base in variants:
+        return base.lower()
+    if variant == "anikaRobot":
+        return "anika"
+    if variant == "whisperf":
+        return "whisper"
+    return variant.lower()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9-]+", "-", text).strip("-")
+
+
+def _espeak(accent: str, variant: str, role: str, warp: float = 1.0) -> Voice:
+    suffix = f"-w{round(warp * 100):03d}" if warp != 1.0 else ""
+    return Voice(f"espeak-{accent}-{_slug(variant)}{suffix}", "espeak", f"{accent}+{variant}", warp, role)
+
+
+def catalogue() -> list[Voice]:
+    """Every voice of the standard corpus, labels first (in label order), then the others.
+
+    Deterministic: the open-set families and accents are drawn from a fixed seed."""
+    variants = usable_variants()
+    label_variants = {v.name.partition("+")[2] for v in LABEL_VOICES if v.engine == "espeak"}
+    families: dict[str, list[str]] = {}
+    for v in variants:
+        families.setdefault(family(v, variants), []).append(v)
+    eligible = sorted(f for f, members in families.items() if not set(members) & label_variants)
+    random.Random("open-set-families").shuffle(eligible)
+    held = eligible[: OPEN_VAL_FAMILIES + OPEN_TEST_FAMILIES]
+    voices = list(LABEL_VOICES)
+    for k, fam in enumerate(held):
+        role = "open-val" if k < OPEN_VAL_FAMILIES else "open-test"
+        voices.append(_espeak(ESPEAK_ACCENTS[k % len(ESPEAK_ACCENTS)], families[fam][0], role))
+    taken = {v.name for v in LABEL_VOICES}
+    train_variants = [v for v in variants if family(v, variants) not in held]
+    for j, variant in enumerate(train_variants):
+        for a in range(ACCENTS_PER_TRAIN_VARIANT):  # a different run of accents for each variant
+            accent = ESPEAK_ACCENTS[(j + a) % len(ESPEAK_ACCENTS)]
+            if f"{accent}+{variant}" not in taken:
+                voices.append(_espeak(accent, variant, "train"))
+    rng = random.Random("warped-variants")
+    for variant in sorted(rng.sample(train_variants, ESPEAK_WARPED_VARIANTS)):
+        voices += [_espeak("en-us", variant, "train", w) for w in (WARPS[0], WARPS[-1])]
+    festival = [
+        Voice(f"festival-{_slug(n.removeprefix('voice_'))}", "festival", n, 1.0, "train") for n in FESTIVAL_VOICES
+    ]
+    voices += festival
+    for base in [*LABEL_VOICES[:5], *festival]:  # flite and festival voices are few: warp all of them
+        for w in WARPS:
+            voices.append(Voice(f"{base.label}-w{round(w * 100):03d}", base.engine, base.name, w, "train"))
+    labels = [v.label for v in voices]
+    assert len(set(labels)) == len(labels), "voice labels must be unique"
+    return voices
