@@ -54,6 +54,11 @@ class Manifest:
     provenance: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # Open-set: each class's mean normalised embedding (num_classes x embedding_size) and the
+    # cosine to the nearest one below which a clip is none of the classes. Optional: weights
+    # converted from a seed checkpoint have neither.
+    class_centroids: list[list[float]] | None = None
+    known_threshold: float | None = None
 
     @property
     def sample_rate(self) -> int:
@@ -78,6 +83,8 @@ class Manifest:
             "features": self.features.to_dict(),
             "sha256": self.sha256,
             "verification_threshold": self.verification_threshold,
+            "known_threshold": self.known_threshold,
+            "class_centroids": self.class_centroids,
             "provenance": self.provenance,
             "metrics": self.metrics,
         }
@@ -114,9 +121,22 @@ class Manifest:
             raise ValueError(
                 f"sample_rate {data['sample_rate']} disagrees with features.sample_rate {features.sample_rate}"
             )
-        threshold = data.get("verification_threshold")
-        if threshold is not None and (not isinstance(threshold, int | float) or not -1 <= threshold <= 1):
-            raise ValueError(f"verification_threshold must be a cosine in [-1, 1], got {threshold!r}")
+        threshold = _cosine_or_none(data, "verification_threshold")
+        known_threshold = _cosine_or_none(data, "known_threshold")
+        centroids = data.get("class_centroids")
+        if centroids is not None:
+            rows_ok = isinstance(centroids, list) and len(centroids) == data["num_classes"]
+            if not rows_ok or not all(
+                isinstance(row, list)
+                and len(row) == data["embedding_size"]
+                and all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in row)
+                for row in centroids
+            ):
+                raise ValueError(
+                    f"class_centroids must be {data['num_classes']} rows of {data['embedding_size']} finite numbers"
+                )
+        if (centroids is None) != (known_threshold is None):
+            raise ValueError("class_centroids and known_threshold go together")
         return cls(
             architecture=arch.lower(),
             num_classes=data["num_classes"],
@@ -124,10 +144,21 @@ class Manifest:
             labels=labels,
             features=features,
             sha256=str(data["sha256"]),
-            verification_threshold=None if threshold is None else float(threshold),
+            verification_threshold=threshold,
             provenance=dict(data.get("provenance") or {}),
             metrics=dict(data.get("metrics") or {}),
+            class_centroids=None if centroids is None else [[float(x) for x in row] for row in centroids],
+            known_threshold=known_threshold,
         )
+
+
+def _cosine_or_none(data: dict[str, Any], key: str) -> float | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not -1 <= value <= 1:
+        raise ValueError(f"{key} must be a cosine in [-1, 1], got {value!r}")
+    return float(value)
 
 
 def file_sha256(path: Path) -> str:
@@ -182,6 +213,8 @@ def save(
     verification_threshold: float | None = None,
     provenance: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
+    class_centroids: Tensor | None = None,
+    known_threshold: float | None = None,
 ) -> Manifest:
     """Write ``network`` as a weights directory; returns the manifest written."""
     out = Path(out_dir)
@@ -199,6 +232,10 @@ def save(
         verification_threshold=verification_threshold,
         provenance=provenance or {},
         metrics=metrics or {},
+        class_centroids=None
+        if class_centroids is None
+        else [[round(float(x), 6) for x in row] for row in class_centroids],
+        known_threshold=known_threshold,
     )
     Manifest.from_dict(manifest.to_dict())  # refuse to write what load() would refuse
     (out / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
@@ -301,6 +338,7 @@ class EmbeddingModel:
         self.channels_last = False
         self.backend = "torch"
         self._compiled: OpenVINONetwork | None = None
+        self._centroids: Tensor | None = None
 
     def configure(self, precision: str = "fp32", channels_last: bool = False, backend: str = "torch") -> EmbeddingModel:
         self.precision = resolve_precision(precision)
@@ -323,6 +361,19 @@ class EmbeddingModel:
     @property
     def labels(self) -> list[str]:
         return self.manifest.labels
+
+    def nearest_class(self, embedding: Tensor) -> tuple[int, float, bool] | None:
+        """Open-set check: the class whose centroid is nearest by cosine, that cosine, and whether
+        it reaches the calibrated ``known_threshold`` (False: the voice is none of the classes).
+        None for weights without centroids."""
+        m = self.manifest
+        if m.class_centroids is None or m.known_threshold is None:
+            return None
+        if self._centroids is None:
+            self._centroids = F.normalize(torch.tensor(m.class_centroids, dtype=torch.float32), dim=-1)
+        scores = self._centroids @ F.normalize(embedding.float().reshape(-1), dim=0)
+        best = int(scores.argmax())
+        return best, float(scores[best]), float(scores[best]) >= m.known_threshold
 
     def prepare(self, audio: Audio) -> Tensor:
         """Decoded audio (any rate, any channel count) -> mono waveform at the model's rate."""

@@ -1,0 +1,185 @@
+"""Evaluate a weights directory on any labelled audio folder.
+
+    python -m model.training.evaluate WEIGHTS_DIR DATA_DIR [--split test|val|train|all] [--json]
+        [--backend torch|openvino|auto] [--precision auto|fp32|bf16] [--channels-last] [--parity]
+    python -m model.training.evaluate WEIGHTS_DIR DATA_DIR --open-set [--split open-test|open-val]
+
+Prints accuracy, per-class accuracy, same/different-voice EER and the confusion matrix.
+``--open-set`` evaluates the embedding on voices held out of training (default: the open-set test
+voices): EER over all pairs, minDCF, leave-one-out nearest-centroid accuracy, the same per
+recording condition, and, for weights with class centroids, the share of those clips flagged as
+none of the classes next to the share of the classes' own test clips flagged.
+``--parity`` also runs the plain fp32 model and reports how often the chosen execution's top-1
+agrees with it and the cosine between their embeddings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from model.training.data import load_waves, scan
+from model.training.metrics import open_set_report, summarise
+from model.weights import BACKENDS, PRECISIONS, EmbeddingModel, WeightsError, load
+
+log = logging.getLogger(__name__)
+
+
+def load_split(model: EmbeddingModel, data_dir: Path, split: str) -> tuple[list[torch.Tensor], list[int]]:
+    dataset = scan(data_dir, labels=None)
+    unknown = sorted(set(dataset.labels) - set(model.labels))
+    if unknown:
+        raise ValueError(f"{data_dir}: classes the model does not know: {', '.join(unknown)}")
+    items = dataset.items if split == "all" else dataset.split(split)
+    if not items:
+        raise ValueError(f"{data_dir}: no clips in split {split!r}")
+    waves = load_waves(items, model.sample_rate, f"loading {split}")
+    return waves, [model.labels.index(dataset.labels[it.label]) for it in items]
+
+
+@torch.inference_mode()
+def evaluate(model: EmbeddingModel, data_dir: Path, split: str = "test") -> dict[str, Any]:
+    waves, labels = load_split(model, data_dir, split)
+    results = [model.infer(w) for w in waves]
+    return summarise(
+        torch.stack([r.logits for r in results]),
+        torch.stack([r.embedding for r in results]),
+        torch.tensor(labels),
+        model.labels,
+    )
+
+
+@torch.inference_mode()
+def parity(model: EmbeddingModel, reference: EmbeddingModel, waves: list[torch.Tensor]) -> dict[str, Any]:
+    """How closely ``model`` (e.g. bf16, channels-last) follows ``reference`` (fp32) on ``waves``."""
+    fast = [model.infer(w) for w in waves]
+    ref = [reference.infer(w) for w in waves]
+    agree = [int(f.logits.argmax()) == int(r.logits.argmax()) for f, r in zip(fast, ref, strict=True)]
+    cos = [float(F.cosine_similarity(f.embedding, r.embedding, dim=0)) for f, r in zip(fast, ref, strict=True)]
+    return {
+        "execution": {"backend": model.backend, "precision": model.precision, "channels_last": model.channels_last},
+        "clips": len(waves),
+        "top1_agreement": sum(agree) / len(agree),
+        "min_cosine": min(cos),
+        "mean_cosine": sum(cos) / len(cos),
+    }
+
+
+@torch.inference_mode()
+def evaluate_open_set(model: EmbeddingModel, data_dir: Path, split: str = "open-test") -> dict[str, Any]:
+    dataset = scan(data_dir)
+    items = dataset.split(split)
+    if not items:
+        raise ValueError(f"{data_dir}: no clips in split {split!r} (make the corpus with --open-per-voice)")
+    waves = load_waves(items, model.sample_rate, f"loading {split}")
+    emb = torch.stack([model.infer(w).embedding for w in waves])
+    report = open_set_report(emb, [it.voice for it in items], [it.conditions for it in items])
+    report["split"] = split
+    if model.nearest_class(emb[0]) is not None:
+        report["flagged_unknown"] = sum(not _known(model, e) for e in emb) / len(emb)
+        known_split = {"open-test": "test", "open-val": "val"}[split]
+        known_items = dataset.split(known_split)
+        if known_items:
+            known_waves = load_waves(known_items, model.sample_rate, f"loading {known_split}")
+            flagged = [not _known(model, model.infer(w).embedding) for w in known_waves]
+            report["classes_flagged_unknown"] = {
+                "split": known_split,
+                "clips": len(flagged),
+                "share": sum(flagged) / len(flagged),
+            }
+    return report
+
+
+def _known(model: EmbeddingModel, embedding: torch.Tensor) -> bool:
+    found = model.nearest_class(embedding)
+    return found is not None and found[2]
+
+
+def format_open_set(r: dict[str, Any]) -> str:
+    lines = [
+        f"open-set split   {r['split']}: {r['clips']} clips of {r['voices']} voices never trained on "
+        f"(at least {r['min_clips_per_voice']} per voice)",
+        f"EER              {r['eer']:.4f} (cosine threshold {r['eer_threshold']:.4f}), all pairs",
+        f"minDCF           {r['min_dcf']:.4f} (p_target {r['p_target']})",
+        f"centroid acc.    {r['centroid_accuracy']:.4f} (leave-one-out nearest voice centroid)",
+    ]
+    if "flagged_unknown" in r:
+        lines.append(f"flagged unknown  {r['flagged_unknown']:.4f} of these clips (none of the classes)")
+    if "classes_flagged_unknown" in r:
+        k = r["classes_flagged_unknown"]
+        lines.append(f"                 {k['share']:.4f} of the classes' own {k['split']} clips ({k['clips']})")
+    lines += ["", "per recording condition (EER: pairs with a clip in it; accuracy: its clips)"]
+    for tag, row in r["per_condition"].items():
+        eer = "n/a" if row["eer"] is None else f"{row['eer']:.4f}"
+        lines.append(f"  {tag:<16} clips {row['clips']:>4}  EER {eer:>6}  centroid acc. {row['centroid_accuracy']:.4f}")
+    return "\n".join(lines)
+
+
+def format_report(summary: dict[str, Any], labels: list[str]) -> str:
+    eer, threshold = summary["eer"], summary["eer_threshold"]
+    eer_text = "n/a" if eer is None else f"{eer:.4f} (cosine threshold {threshold:.4f})"
+    lines = [
+        f"clips     {summary['clips']}",
+        f"accuracy  {summary['accuracy']:.4f}",
+        f"EER       {eer_text}",
+        "",
+        "per-class accuracy",
+    ]
+    for name, acc in summary["per_class_accuracy"].items():
+        lines.append(f"  {name:<28} {'n/a' if acc is None else f'{acc:.4f}'}")
+    width = max(4, *(len(str(v)) for row in summary["confusion_matrix"] for v in row))
+    lines += ["", "confusion matrix (rows: true, columns: predicted, in label order)"]
+    for name, row in zip(labels, summary["confusion_matrix"], strict=True):
+        lines.append(f"  {name:<28} " + " ".join(f"{v:>{width}}" for v in row))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.training.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("weights_dir", type=Path)
+    parser.add_argument("data_dir", type=Path)
+    parser.add_argument(
+        "--split", help="test (default), val, train, all; with --open-set: open-test (default), open-val"
+    )
+    parser.add_argument("--open-set", action="store_true", help="the embedding on voices never trained on")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--backend", default="torch", choices=list(BACKENDS))
+    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--parity", action="store_true", help="compare with the plain fp32 model")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    split = args.split or ("open-test" if args.open_set else "test")
+    allowed = ["open-test", "open-val"] if args.open_set else ["train", "val", "test", "all"]
+    if split not in allowed:
+        parser.error(f"--split must be one of {', '.join(allowed)}")
+    args.split = split
+    try:
+        model = load(args.weights_dir).configure(args.precision, args.channels_last, args.backend)
+        if args.open_set:
+            summary = evaluate_open_set(model, args.data_dir, split)
+        elif args.parity:
+            waves, _ = load_split(model, args.data_dir, args.split)
+            summary = parity(model, load(args.weights_dir), waves)
+        else:
+            summary = evaluate(model, args.data_dir, args.split)
+    except (WeightsError, ValueError) as exc:
+        log.error("error: %s", exc)
+        return 2
+    if args.json or args.parity:
+        text = json.dumps(summary, indent=2)
+    else:
+        text = format_open_set(summary) if args.open_set else format_report(summary, model.labels)
+    sys.stdout.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Classification and verification metrics shared by training and evaluation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def all_pairs(embeddings: Tensor, labels: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Cosine scores of every pair of clips and whether the pair is one voice. With ``mask`` (a
+    bool per clip), only the pairs with at least one clip in the mask."""
+    emb = F.normalize(embeddings.float(), dim=-1)  # (N, E)
+    i, j = torch.triu_indices(len(labels), len(labels), offset=1)
+    if mask is not None:
+        keep = mask[i] | mask[j]
+        i, j = i[keep], j[keep]
+    return (emb[i] * emb[j]).sum(-1), labels[i] == labels[j]
+
+
+def error_rates(scores: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Accepting every trial scoring >= threshold[k]: false-accept and false-reject rates, for
+    each score taken as the threshold (best first)."""
+    if target.all() or (~target).all():
+        raise ValueError("error rates need both target and non-target trials")
+    order = torch.argsort(scores, descending=True)
+    s, is_target = scores[order], target[order].double()
+    far = torch.cumsum(1 - is_target, 0) / (1 - is_target).sum()
+    frr = 1 - torch.cumsum(is_target, 0) / is_target.sum()
+    return far, frr, s
+
+
+def eer_of_scores(scores: Tensor, target: Tensor) -> tuple[float, float]:
+    """The equal error rate of scored trials and the threshold at which it occurs."""
+    far, frr, s = error_rates(scores, target)
+    k = int(torch.argmin((far - frr).abs()))
+    return float((far[k] + frr[k]) / 2), float(s[k])
+
+
+def min_dcf(scores: Tensor, target: Tensor, p_target: float = 0.01, c_miss: float = 1.0, c_fa: float = 1.0) -> float:
+    """Minimum normalised detection cost (NIST SRE): min over thresholds of
+    ``c_miss * P_miss * p_target + c_fa * P_fa * (1 - p_target)``, over the cost of the better
+    trivial system."""
+    far, frr, _ = error_rates(scores, target)
+    cost = c_miss * frr * p_target + c_fa * far * (1 - p_target)
+    trivial = min(c_miss * p_target, c_fa * (1 - p_target))
+    # also the threshold above every score: reject everything
+    return float(min(float(cost.min()), c_miss * p_target) / trivial)
+
+
+def equal_error_rate(embeddings: Tensor, labels: Tensor) -> tuple[float, float]:
+    """Same/different-voice EER over all pairs, and the cosine threshold at which it occurs."""
+    try:
+        return eer_of_scores(*all_pairs(embeddings, labels))
+    except ValueError:
+        raise ValueError("EER needs both same-voice and different-voice pairs") from None
+
+
+def leave_one_out_centroid(embeddings: Tensor, labels: Tensor) -> Tensor:
+    """For each clip, the voice whose centroid (mean normalised embedding of its other clips) is
+    nearest by cosine; returns a bool per clip: was it its own voice."""
+    emb = F.normalize(embeddings.float(), dim=-1)
+    voices = labels.unique()
+    onehot = (labels[:, None] == voices[None, :]).float()  # (N, V)
+    sums, counts = onehot.T @ emb, onehot.sum(0)  # (V, E), (V,)
+    own = onehot.argmax(1)
+    hits = torch.zeros(len(labels), dtype=torch.bool)
+    for n in range(len(labels)):
+        s, c = sums.clone(), counts.clone()
+        s[own[n]] -= emb[n]
+        c[own[n]] -= 1
+        valid = c > 0
+        centroids = F.normalize(s / c.clamp_min(1)[:, None], dim=-1)
+        scores = (centroids @ emb[n]).masked_fill(~valid, -2.0)
+        hits[n] = int(scores.argmax()) == int(own[n])
+    return hits
+
+
+def condition_tags(conditions: dict[str, Any]) -> list[str]:
+    """The recording conditions a corpus clip was made under, as report rows."""
+    tags = []
+    if "noise" in conditions:
+        tags.append(f"noise:{conditions['noise']}")
+    if "reverb_rt60" in conditions:
+        tags.append("reverb")
+    band = str(conditions.get("band", ""))
+    if band:
+        tags.append("telephone" if band == "telephone" else band.split(":")[0])
+    if "codec" in conditions:
+        tags.append(f"codec:{str(conditions['codec']).split(':')[0]}")
+    return tags or ["clean"]
+
+
+def open_set_report(
+    embeddings: Tensor, voices: list[str], conditions: list[dict[str, Any]] | None = None, p_target: float = 0.01
+) -> dict[str, Any]:
+    """Verification and identification among voices: EER and minDCF over all pairs,
+    leave-one-out nearest-centroid accuracy, and the same per recording condition (pairs with at
+    least one clip in that condition; accuracy of the clips in it)."""
+    names = sorted(set(voices))
+    labels = torch.tensor([names.index(v) for v in voices])
+    scores, same = all_pairs(embeddings, labels)
+    eer, threshold = eer_of_scores(scores, same)
+    hits = leave_one_out_centroid(embeddings, labels)
+    per_voice = torch.bincount(labels)
+    report: dict[str, Any] = {
+        "clips": len(voices),
+        "voices": len(names),
+        "min_clips_per_voice": int(per_voice.min()),
+        "eer": eer,
+        "eer_threshold": threshold,
+        "min_dcf": min_dcf(scores, same, p_target),
+        "p_target": p_target,
+        "centroid_accuracy": float(hits.float().mean()),
+        "per_condition": {},
+    }
+    if conditions is not None:
+        tags = [condition_tags(c) for c in conditions]
+        for tag in sorted({t for ts in tags for t in ts}):
+            mask = torch.tensor([tag in ts for ts in tags])
+            s, t = all_pairs(embeddings, labels, mask)
+            row: dict[str, Any] = {"clips": int(mask.sum()), "centroid_accuracy": float(hits[mask].float().mean())}
+            row["eer"] = eer_of_scores(s, t)[0] if t.any() and (~t).any() else None
+            report["per_condition"][tag] = row
+    return report
+
+
+def confusion_matrix(predicted: Tensor, target: Tensor, num_classes: int) -> Tensor:
+    """``[true, predicted]`` counts."""
+    index = target.long() * num_classes + predicted.long()
+    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def summarise(logits: Tensor, embeddings: Tensor, labels: Tensor, class_names: list[str]) -> dict[str, Any]:
+    """Accuracy, per-class accuracy, EER and threshold, confusion matrix."""
+    predicted = logits.argmax(-1)
+    cm = confusion_matrix(predicted, labels, len(class_names))
+    per_class = {name: float(cm[k, k] / cm[k].sum()) if cm[k].sum() else None for k, name in enumerate(class_names)}
+    counts = torch.bincount(labels)
+    if (counts >= 2).any() and (counts > 0).sum() >= 2:
+        eer, threshold = equal_error_rate(embeddings, labels)
+    else:  # too few clips for same- and different-voice pairs
+        eer, threshold = None, None
+    return {
+        "clips": len(labels),
+        "accuracy": float((predicted == labels).float().mean()),
+        "per_class_accuracy": per_class,
+        "eer": eer,
+        "eer_threshold": threshold,
+        "confusion_matrix": cm.tolist(),
+    }

@@ -1,0 +1,565 @@
+"""Train the seed's ResNet on any folder of labelled audio and write a weights directory.
+
+    python -m model.training.train --data DIR --arch resnet18 --out DIR [--epochs N] [--resume] [--stop-after N]
+
+Two heads share the network's 256-d embedding (its fc layer). An additive angular margin softmax
+over every training voice (the 9 classes and, where the corpus has them, hundreds of others)
+shapes the embedding for voices never heard; it lives only here, in training, and is never part of
+the weights. The seed's 9-class linear head learns with cross-entropy on the labelled voices'
+crops. Random crops, features from the same front end the service uses, lossy-codec and SpecAugment
+augmentation, a one-cycle learning-rate schedule, a checkpoint every epoch (``--resume`` continues
+from it), validation every epoch (9-class accuracy and EER, and the EER among held-out open-set
+validation voices), early stopping, bf16 autocast where the CPU supports it. Writes ``OUT/weights/``
+(metrics, the verification threshold calibrated at the open-set validation EER, the class
+centroids and the known-voice threshold in the manifest) and a report:
+``OUT/report/{curves,confusion}.png`` and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import platform
+import random
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchaudio
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from model.audio import decode, encode, to_mono
+from model.features import FeatureConfig, LogMelSpectrogram
+from model.resnet import ARCHITECTURES, ResNet, build
+from model.training.data import UNLABELLED, Dataset, load_waves, random_crop, scan
+from model.training.metrics import eer_of_scores, open_set_report, summarise
+from model.weights import EmbeddingModel, Manifest, save
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    arch: str = "resnet18"
+    epochs: int = 6
+    batch_size: int = 32
+    crop_s: float = 1.0
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    freq_mask: int = 10
+    time_mask: int = 15
+    patience: int = 3
+    embedding_size: int = 256
+    seed: int = 0
+    bf16: str = "auto"  # auto | on | off
+    eval_max_s: float = 8.0
+    codec_share: float = 0.3  # share of training crops passed through a lossy codec
+    steps_per_epoch: int = 0  # 0: one pass over the training clips
+    margin: float = 0.2  # additive angular margin (radians), reached after the ramp
+    margin_scale: float = 32.0
+    margin_ramp_start: float = 0.1  # the margin ramps from 0 to full between these shares of all steps
+    margin_ramp_end: float = 0.4
+    class_weight: float = 0.5  # weight of the 9-class cross-entropy beside the margin loss
+    label_share: float = 0.35  # share of each batch drawn from the labelled voices (when there are others)
+    centroid_clips: int = 40  # training clips per class for the class centroids
+
+
+def bf16_supported() -> bool:
+    """True where oneDNN has native bf16 kernels (AVX512-BF16 / AMX); elsewhere bf16 is slower."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def use_bf16(choice: str) -> bool:
+    return choice == "on" or (choice == "auto" and bf16_supported())
+
+
+class SpecAugment(nn.Module):
+    """Frequency and time masking on ``(B, 1, F, T)`` features, different per item."""
+
+    def __init__(self, freq_mask: int, time_mask: int) -> None:
+        super().__init__()
+        self.freq = torchaudio.transforms.FrequencyMasking(freq_mask, iid_masks=True)
+        self.time = torchaudio.transforms.TimeMasking(time_mask, iid_masks=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.time(self.freq(x))
+
+
+# Lossy codecs applied to training crops on the fly: (FFmpeg encoder, b/s, libopus bandwidth
+# cutoff in Hz). Below about 9 kb/s libopus switches to narrowband SILK (nothing above 4 kHz),
+# a mode a wideband corpus never contains; the cutoff forces it at higher bitrates. The other
+# entries cover each codec's low VoIP and streaming settings.
+CODEC_SETTINGS: list[tuple[str, int, int]] = [
+    ("libopus", 10_000, 4000),
+    ("libopus", 12_000, 4000),
+    ("libopus", 12_000, 6000),
+    ("libopus", 16_000, 0),
+    ("libmp3lame", 20_000, 0),
+    ("libmp3lame", 32_000, 0),
+    ("aac", 28_000, 0),
+    ("aac", 48_000, 0),
+]
+
+
+class CodecAugment:
+    """Encode and decode a ``share`` of the crops with a random entry of ``settings``, as
+    SpeechBrain's CodecAugment does (its torchaudio ``apply_codec`` is gone from torchaudio 2.9,
+    so this calls FFmpeg through PyAV). Lengths are kept: the output is cut to the crop's length,
+    so AAC crops (whose raw ADTS stream does not mark the encoder's 1024 priming samples) start
+    64 ms late at 16 kHz, which a random crop does not mind."""
+
+    def __init__(self, share: float, sample_rate: int, settings: list[tuple[str, int, int]] = CODEC_SETTINGS) -> None:
+        self.share, self.sample_rate, self.settings = share, sample_rate, settings
+
+    def one(self, wave: Tensor, setting: tuple[str, int, int]) -> Tensor:
+        codec, bitrate, cutoff = setting
+        data = encode(wave, self.sample_rate, codec, bitrate, {"cutoff": str(cutoff)} if cutoff else None)
+        out = to_mono(decode(data), self.sample_rate)[: wave.numel()]
+        return F.pad(out, (0, wave.numel() - out.numel()))
+
+    def __call__(self, waves: Tensor, gen: torch.Generator) -> Tensor:
+        picks = torch.rand(len(waves), generator=gen) < self.share
+        choice = torch.randint(len(self.settings), (len(waves),), generator=gen)
+        rows = [self.one(w, self.settings[int(c)]) if p else w for w, p, c in zip(waves, picks, choice, strict=True)]
+        return torch.stack(rows)
+
+
+class AdditiveAngularMargin(nn.Module):
+    """Additive angular margin softmax (ArcFace; WeSpeaker's ``arc_margin``): the target voice's
+    logit is ``scale * cos(theta + margin)``, the others ``scale * cos(theta)``, with ``theta`` the
+    angle between the embedding and the voice's weight vector. Training only: its weights are
+    saved in training checkpoints, never in the weights directory."""
+
+    def __init__(self, embedding_size: int, voices: int, scale: float = 32.0, margin: float = 0.2) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(voices, embedding_size))
+        nn.init.xavier_uniform_(self.weight)
+        self.scale = scale
+        self.margin = margin
+
+    def forward(self, embedding: Tensor, target: Tensor) -> Tensor:
+        cos = F.linear(F.normalize(embedding.float()), F.normalize(self.weight)).clamp(-1 + 1e-7, 1 - 1e-7)
+        m = self.margin
+        sin = torch.sqrt(1.0 - cos * cos)
+        phi = cos * math.cos(m) - sin * math.sin(m)  # cos(theta + m)
+        # past theta = pi - m, cos(theta + m) would rise again: keep the target's logit decreasing
+        phi = torch.where(cos > math.cos(math.pi - m), phi, cos - math.sin(math.pi - m) * m)
+        onehot = F.one_hot(target, cos.shape[1]).bool()
+        return self.scale * torch.where(onehot, phi, cos)
+
+
+def margin_at(cfg: TrainConfig, step: int, total: int) -> float:
+    """The margin at ``step`` of ``total``: 0, then a linear ramp, then ``cfg.margin``."""
+    start, end = cfg.margin_ramp_start, cfg.margin_ramp_end
+    progress = (step / max(1, total) - start) / max(1e-9, end - start)
+    return cfg.margin * min(1.0, max(0.0, progress))
+
+
+def train_step(
+    network: ResNet,
+    head: AdditiveAngularMargin,
+    features: LogMelSpectrogram,
+    augment: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    waves: Tensor,
+    voices: Tensor,
+    classes: Tensor,
+    cfg: TrainConfig,
+    bf16: bool,
+) -> float:
+    """One optimisation step on a batch of equal-length waveforms; returns the loss. ``voices``
+    indexes the margin head's voices; ``classes`` the 9 classes, or UNLABELLED."""
+    network.train()
+    head.train()
+    feats = augment(features(waves))  # (B, 1, n_mels, T)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits, embedding = network(feats)
+    loss = F.cross_entropy(head(embedding.float(), voices), voices)
+    labelled = classes != UNLABELLED
+    if labelled.any():
+        class_loss = F.cross_entropy(logits.float()[labelled], classes[labelled], label_smoothing=cfg.label_smoothing)
+        loss = loss + cfg.class_weight * class_loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+@torch.inference_mode()
+def embed_all(model: EmbeddingModel, waves: list[Tensor], max_s: float) -> tuple[Tensor, Tensor]:
+    """Whole-clip logits and embeddings (up to ``max_s`` each): ``(N, C)``, ``(N, E)``."""
+    max_len = int(max_s * model.sample_rate)
+    results = [model.infer(w[:max_len]) for w in waves]
+    return torch.stack([r.logits for r in results]), torch.stack([r.embedding for r in results])
+
+
+def _score(record: dict[str, Any]) -> tuple[float, float]:
+    """Higher is better: validation accuracy less the open-set validation EER (or, without
+    open-set voices, accuracy and then the 9-class EER)."""
+    eer = record["val_eer"] if record.get("open_val_eer") is None else record["open_val_eer"]
+    eer = eer if eer is not None else 1.0
+    if record.get("open_val_eer") is not None:
+        return record["val_accuracy"] - eer, 0.0
+    return record["val_accuracy"], -eer
+
+
+def class_centroids(model: EmbeddingModel, waves: list[Tensor], classes: list[int], n: int, max_s: float) -> Tensor:
+    """Each class's mean normalised embedding over (at most ``n`` of) its clips, normalised."""
+    rows = []
+    for k in range(model.manifest.num_classes):
+        mine = [w for w, c in zip(waves, classes, strict=True) if c == k][:n]
+        if not mine:
+            raise SystemExit(f"no training clips of class {model.labels[k]!r} for its centroid")
+        _, emb = embed_all(model, mine, max_s)
+        rows.append(F.normalize(F.normalize(emb, dim=-1).mean(0), dim=0))
+    return torch.stack(rows)
+
+
+def known_scores(embeddings: Tensor, centroids: Tensor) -> Tensor:
+    """Cosine of each embedding to its nearest class centroid."""
+    return (F.normalize(embeddings, dim=-1) @ centroids.T).max(-1).values
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def plot_report(report_dir: Path, history: list[dict[str, Any]], test: dict[str, Any], labels: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    report_dir.mkdir(parents=True, exist_ok=True)
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    axes[0].plot(epochs, [h["train_loss"] for h in history], marker="o")
+    axes[0].set(title="training loss", xlabel="epoch")
+    axes[1].plot(epochs, [h["train_accuracy"] for h in history], marker="o", label="train (crops)")
+    axes[1].plot(epochs, [h["val_accuracy"] for h in history], marker="o", label="validation")
+    axes[1].set(title="accuracy", xlabel="epoch", ylim=(0, 1.02))
+    axes[1].legend()
+    axes[2].plot(epochs, [100 * (h["val_eer"] or 0) for h in history], marker="o", label="9 classes")
+    if any(h.get("open_val_eer") is not None for h in history):
+        axes[2].plot(epochs, [100 * (h.get("open_val_eer") or 0) for h in history], marker="o", label="open-set voices")
+        axes[2].legend()
+    axes[2].set(title="validation EER (%)", xlabel="epoch")
+    fig.tight_layout()
+    fig.savefig(report_dir / "curves.png", dpi=100)
+    plt.close(fig)
+
+    cm = torch.tensor(test["confusion_matrix"])
+    fig, ax = plt.subplots(figsize=(8, 7))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    for i, row in enumerate(cm.tolist()):
+        for j, v in enumerate(row):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+    ax.set(xlabel="predicted", ylabel="true", title=f"test split, accuracy {test['accuracy']:.3f}")
+    fig.tight_layout()
+    fig.savefig(report_dir / "confusion.png", dpi=100)
+    plt.close(fig)
+
+
+def train(
+    data_dir: Path,
+    out_dir: Path,
+    cfg: TrainConfig,
+    feature_cfg: FeatureConfig,
+    resume: bool,
+    stop_after: int | None = None,
+) -> Manifest:
+    """Train; ``stop_after`` ends this run after that many epochs of the schedule (``resume``
+    continues it later), so a long run can be split."""
+    started = time.time()
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dataset: Dataset = scan(data_dir)
+    labels = dataset.labels
+    train_items, val_items = dataset.split("train"), dataset.split("val")
+    open_val_items = dataset.split("open-val")
+    if not train_items or not val_items:
+        raise SystemExit(f"{data_dir}: need both train and val clips (found {len(train_items)}, {len(val_items)})")
+    sr = feature_cfg.sample_rate
+    train_waves = load_waves(train_items, sr, "loading train")
+    val_waves = load_waves(val_items, sr, "loading val")
+    open_val_waves = load_waves(open_val_items, sr, "loading open-set val")
+    voices = dataset.voices("train")
+    voice_index = {v: i for i, v in enumerate(voices)}
+    train_voices = torch.tensor([voice_index[it.voice] for it in train_items])
+    train_classes = torch.tensor([it.label for it in train_items])
+    labelled = (train_classes != UNLABELLED).nonzero().flatten()
+    others = (train_classes == UNLABELLED).nonzero().flatten()
+    if not len(labelled):
+        raise SystemExit(f"{data_dir}: no training clips of the labelled classes")
+    val_labels = [it.label for it in val_items]
+    n_labelled = cfg.batch_size if not len(others) else max(1, round(cfg.batch_size * cfg.label_share))
+
+    network = build(cfg.arch, num_classes=len(labels), embedding_size=cfg.embedding_size)
+    head = AdditiveAngularMargin(cfg.embedding_size, len(voices), cfg.margin_scale, 0.0)
+    features = LogMelSpectrogram(feature_cfg)
+    augment = SpecAugment(cfg.freq_mask, cfg.time_mask)
+    codec_augment = CodecAugment(cfg.codec_share, feature_cfg.sample_rate)
+    bf16 = use_bf16(cfg.bf16)
+    steps_per_epoch = cfg.steps_per_epoch or math.ceil(len(train_items) / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW([*network.parameters(), *head.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.15)
+    manifest = Manifest(cfg.arch, len(labels), cfg.embedding_size, labels, feature_cfg)
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    start_epoch = 0
+    ckpt_path = out_dir / "checkpoint.pt"
+    if resume and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if state["scheduler"]["total_steps"] != total_steps or state.get("voices") != voices:
+            raise SystemExit(
+                f"{ckpt_path}: resume with the checkpoint's data, --epochs, --steps-per-epoch, --batch-size"
+            )
+        network.load_state_dict(state["network"])
+        head.load_state_dict(state["head"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        history, best, start_epoch = state["history"], state["best"], state["epoch"]
+        started -= state["elapsed_s"]
+        log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
+    crop = int(cfg.crop_s * sr)
+    log.info(
+        "%d train clips of %d voices (%d labelled clips, %d per batch) / %d val / %d open-set val clips, "
+        "%d classes, %s, %d steps per epoch, bf16=%s, %d threads",
+        len(train_items), len(voices), len(labelled), n_labelled, len(val_items), len(open_val_items),
+        len(labels), cfg.arch, steps_per_epoch, bf16, torch.get_num_threads(),
+    )  # fmt: skip
+
+    def draw(pool: Tensor, n: int) -> Tensor:
+        return pool[torch.randint(len(pool), (n,), generator=gen)]
+
+    for epoch in range(start_epoch, cfg.epochs):
+        losses = []
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step")
+        for step in bar:
+            idx = draw(labelled, n_labelled)
+            if len(others):
+                idx = torch.cat([idx, draw(others, cfg.batch_size - n_labelled)])
+            head.margin = margin_at(cfg, epoch * steps_per_epoch + step, total_steps)
+            waves = torch.stack([random_crop(train_waves[i], crop, gen) for i in idx.tolist()])
+            waves = codec_augment(waves, gen)
+            gains = 10 ** (torch.empty(len(idx), 1).uniform_(-0.5, 0.3, generator=gen))  # +-dB, beyond the corpus
+            loss = train_step(
+                network, head, features, augment, optimizer, waves * gains, train_voices[idx], train_classes[idx],
+                cfg, bf16,
+            )  # fmt: skip
+            scheduler.step()
+            losses.append(loss)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", m=f"{head.margin:.2f}")
+        with torch.inference_mode():
+            network.eval()
+            # 9-class accuracy on a fresh set of labelled training crops, without augmentation
+            sample = draw(labelled, min(len(labelled), 256))
+            crops = torch.stack([random_crop(train_waves[i], crop, gen) for i in sample.tolist()])
+            logits, _ = network(features(crops))
+            correct = int((logits.argmax(-1) == train_classes[sample]).sum())
+        current = EmbeddingModel(network, manifest)
+        val = summarise(*embed_all(current, val_waves, cfg.eval_max_s), torch.tensor(val_labels), labels)
+        open_val_eer = None
+        if open_val_items:
+            _, emb = embed_all(current, open_val_waves, cfg.eval_max_s)
+            open_val_eer = open_set_report(emb, [it.voice for it in open_val_items])["eer"]
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": sum(losses) / len(losses),
+            "train_accuracy": correct / len(sample),
+            "val_accuracy": val["accuracy"],
+            "val_eer": val["eer"],
+            "val_eer_threshold": val["eer_threshold"],
+            "open_val_eer": open_val_eer,
+            "margin": head.margin,
+            "elapsed_s": round(time.time() - started, 1),
+        }
+        history.append(record)
+        log.info("epoch %d: %s", epoch + 1, json.dumps(record))
+        if best is None or _score(record) >= _score(best):
+            best = {**record, "network": {k: v.clone() for k, v in network.state_dict().items()}}
+        save_checkpoint(
+            ckpt_path,
+            {
+                "network": network.state_dict(),
+                "head": head.state_dict(),
+                "voices": voices,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "generator": gen.get_state(),
+                "history": history,
+                "best": best,
+                "epoch": epoch + 1,
+                "elapsed_s": time.time() - started,
+            },
+        )
+        if epoch + 1 - best["epoch"] >= cfg.patience:
+            log.info("early stop: no validation improvement for %d epochs", cfg.patience)
+            break
+        if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < cfg.epochs:
+            log.info("stopping after epoch %d as asked; --resume continues", epoch + 1)
+            break
+
+    assert best is not None
+    network.load_state_dict(best["network"])
+    final = EmbeddingModel(network, manifest)
+    return finish(final, dataset, cfg, best, history, train_waves, train_classes.tolist(), val_waves,
+                  open_val_waves, data_dir, out_dir, started)  # fmt: skip
+
+
+def finish(
+    final: EmbeddingModel,
+    dataset: Dataset,
+    cfg: TrainConfig,
+    best: dict[str, Any],
+    history: list[dict[str, Any]],
+    train_waves: list[Tensor],
+    train_classes: list[int],
+    val_waves: list[Tensor],
+    open_val_waves: list[Tensor],
+    data_dir: Path,
+    out_dir: Path,
+    started: float,
+) -> Manifest:
+    """Calibrate on the validation voices, test, and write the weights and the report."""
+    labels, sr, max_s = dataset.labels, final.sample_rate, cfg.eval_max_s
+    val_items, open_val_items = dataset.split("val"), dataset.split("open-val")
+    val_logits, val_emb = embed_all(final, val_waves, max_s)
+    calibration: dict[str, Any] = {}
+    centroids, known_threshold = None, None
+    if open_val_items:
+        _, open_val_emb = embed_all(final, open_val_waves, max_s)
+        open_val = open_set_report(open_val_emb, [it.voice for it in open_val_items])
+        threshold = open_val["eer_threshold"]
+        calibration["verification"] = {
+            "source": "open-set validation voices, all pairs, at the EER",
+            "voices": open_val["voices"],
+            "clips": open_val["clips"],
+            "eer": open_val["eer"],
+        }
+        centroids = class_centroids(final, train_waves, train_classes, cfg.centroid_clips, max_s)
+        known = known_scores(val_emb, centroids)
+        unknown = known_scores(open_val_emb, centroids)
+        target = torch.cat([torch.ones(len(known), dtype=torch.bool), torch.zeros(len(unknown), dtype=torch.bool)])
+        known_eer, known_threshold = eer_of_scores(torch.cat([known, unknown]), target)
+        calibration["known"] = {
+            "source": "cosine to the nearest class centroid, at the EER between the 9 voices' validation "
+            "clips and the open-set validation voices' clips",
+            "centroid_clips_per_class": cfg.centroid_clips,
+            "eer": known_eer,
+        }
+    else:
+        val = summarise(val_logits, val_emb, torch.tensor([it.label for it in val_items]), labels)
+        threshold = val["eer_threshold"]
+        calibration["verification"] = {"source": "validation split of the classes, all pairs, at the EER"}
+    test_items = dataset.split("test")
+    if test_items:
+        test_waves = load_waves(test_items, sr, "loading test")
+        test_logits, test_emb = embed_all(final, test_waves, max_s)
+        test = summarise(test_logits, test_emb, torch.tensor([it.label for it in test_items]), labels)
+    else:
+        test_emb = val_emb
+        test = summarise(val_logits, val_emb, torch.tensor([it.label for it in val_items]), labels)
+    metrics: dict[str, Any] = {
+        "best_epoch": best["epoch"],
+        "val_accuracy": best["val_accuracy"],
+        "val_eer": best["val_eer"],
+        "open_val_eer": best.get("open_val_eer"),
+        "test_split": "test" if test_items else "val",
+        "test_accuracy": test["accuracy"],
+        "test_eer": test["eer"],
+        "test_per_class_accuracy": test["per_class_accuracy"],
+        "calibration": calibration,
+    }
+    open_test_items = dataset.split("open-test")
+    if open_test_items:
+        open_test_waves = load_waves(open_test_items, sr, "loading open-set test")
+        _, open_test_emb = embed_all(final, open_test_waves, max_s)
+        report = open_set_report(open_test_emb, [it.voice for it in open_test_items],
+                                 [it.conditions for it in open_test_items])  # fmt: skip
+        if centroids is not None and known_threshold is not None:
+            report["flagged_unknown"] = float((known_scores(open_test_emb, centroids) < known_threshold).float().mean())
+            test["flagged_unknown"] = float((known_scores(test_emb, centroids) < known_threshold).float().mean())
+            metrics["test_flagged_unknown"] = test["flagged_unknown"]
+        metrics["open_set_test"] = report
+    wall = time.time() - started
+    provenance = {
+        "name": f"voice-embed-{cfg.arch}",
+        "trained_on": str(data_dir),
+        "train_command": shlex.join(["python", "-m", "model.training.train", *sys.argv[1:]]),
+        "train_config": asdict(cfg),
+        "train_clips": len(train_waves),
+        "train_voices": len(dataset.voices("train")),
+        "train_wall_s": round(wall, 1),
+        "host": {
+            "cpu_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+    }
+    weights = save(
+        final.network,
+        out_dir / "weights",
+        architecture=cfg.arch,
+        labels=labels,
+        features=final.manifest.features,
+        verification_threshold=None if threshold is None else round(threshold, 4),
+        provenance=provenance,
+        metrics=metrics,
+        class_centroids=centroids,
+        known_threshold=None if known_threshold is None else round(known_threshold, 4),
+    )
+    summary = {"metrics": metrics, "history": history, "test": test, "provenance": provenance}
+    report_dir = out_dir / "report"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_report(report_dir, history, test, labels)
+    log.info("wrote %s/weights; test accuracy %.4f, EER %s; %.0f s", out_dir, test["accuracy"], test["eer"], wall)
+    return weights
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.training.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, required=True, help="manifest.jsonl folder or class sub-folders")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--stop-after", type=int, help="end this run after N epochs (resume later)")
+    defaults = TrainConfig()
+    for name, value in asdict(defaults).items():
+        flag = "--" + name.replace("_", "-")
+        if name == "arch":
+            parser.add_argument(flag, default=value, choices=sorted(ARCHITECTURES))
+        elif name == "bf16":
+            parser.add_argument(flag, default=value, choices=["auto", "on", "off"])
+        else:
+            parser.add_argument(flag, type=type(value), default=value, help=f"default {value}")
+    parser.add_argument("--n-mels", type=int, default=FeatureConfig.n_mels)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cfg = TrainConfig(**{name: getattr(args, name) for name in asdict(defaults)})
+    train(args.data, args.out, cfg, FeatureConfig(n_mels=args.n_mels), args.resume, args.stop_after)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
