@@ -12,12 +12,21 @@ DATA ?= data/corpus
 UNSEEN ?= data/unseen-all
 RUN ?= runs/resnet18
 PER_VOICE ?= 200
+EXTRA_PER_VOICE ?= 12
+OPEN_PER_VOICE ?= 12
 SEED ?= 0
-EPOCHS ?= 6
+EPOCHS ?= 7
+STEPS ?= 100
+# TRAIN_ARGS=--resume continues $(RUN)/checkpoint.pt; TRAIN_ARGS="--stop-after N" ends after N epochs
+TRAIN_ARGS ?=
 SYSTEM_PACKAGES := flite festival festvox-kdlpc16k espeak-ng sox ffmpeg nginx
 SYSTEM_COMMANDS := flite festival espeak-ng sox ffmpeg nginx
+# festival's other-language voices, for the many-voice corpus only (model/training/voices.py)
+CORPUS_PACKAGES := festvox-ru festvox-suopuhe-lj festvox-suopuhe-mv festvox-czech-dita festvox-czech-machac \
+	festvox-czech-krb festvox-czech-ph festvox-ca-ona-hts
 
-.PHONY: help venv system-deps test lint serve corpus corpus-unseen train evaluate bench soak image clean
+.PHONY: help venv system-deps corpus-deps test lint serve corpus corpus-unseen train evaluate evaluate-open-set \
+	bench soak image clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -38,6 +47,13 @@ system-deps: ## apt-get the speech synthesisers, sox, ffmpeg and nginx when miss
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES); \
 	fi
 
+corpus-deps: system-deps ## apt-get festival's other-language voices for the many-voice corpus when missing
+	@missing=""; for p in $(CORPUS_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing corpus voices (missing:$$missing)"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
 test: $(STAMP) system-deps ## run the whole test suite
 	$(PY) -m pytest
 
@@ -49,17 +65,22 @@ lint: $(STAMP) ## ruff and mypy
 serve: $(STAMP) ## start the service on the shipped weights (PORT=8000)
 	WEIGHTS_DIR=$(WEIGHTS_DIR) HOST=$(HOST) PORT=$(PORT) $(PY) -m app
 
-corpus: $(STAMP) system-deps ## synthesise the 9-voice corpus into $(DATA)
-	$(PY) -m model.training.corpus $(DATA) --per-voice $(PER_VOICE) --seed $(SEED)
+corpus: $(STAMP) corpus-deps ## synthesise the corpus (9 labelled voices, 399 more, 28 open-set) into $(DATA)
+	$(PY) -m model.training.corpus $(DATA) --per-voice $(PER_VOICE) --extra-per-voice $(EXTRA_PER_VOICE) \
+		--open-per-voice $(OPEN_PER_VOICE) --seed $(SEED)
 
 corpus-unseen: $(STAMP) system-deps ## fresh sentences in recording conditions the corpus never uses
 	$(PY) -m model.training.corpus $(UNSEEN) --per-voice 20 --seed $(SEED) --conditions unseen-all
 
-train: $(STAMP) ## train ResNet18 on $(DATA), write $(RUN)/weights
-	$(PY) -m model.training.train --data $(DATA) --arch resnet18 --out $(RUN) --epochs $(EPOCHS) --seed $(SEED)
+train: $(STAMP) ## train ResNet18 on $(DATA), write $(RUN)/weights (TRAIN_ARGS=--resume to continue)
+	$(PY) -m model.training.train --data $(DATA) --arch resnet18 --out $(RUN) --epochs $(EPOCHS) \
+		--steps-per-epoch $(STEPS) --seed $(SEED) $(TRAIN_ARGS)
 
 evaluate: $(STAMP) ## evaluate $(WEIGHTS_DIR) on the test split of $(DATA)
 	$(PY) -m model.training.evaluate $(WEIGHTS_DIR) $(DATA) --split test
+
+evaluate-open-set: $(STAMP) ## the embedding on the open-set test voices of $(DATA) (never trained on)
+	$(PY) -m model.training.evaluate $(WEIGHTS_DIR) $(DATA) --open-set
 
 bench: $(STAMP) system-deps ## service vs model-only, naive baseline and hardware ceilings, in one run
 	$(PY) -m bench.run

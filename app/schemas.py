@@ -50,6 +50,14 @@ class ClassifyResponse(BaseModel):
     score: float
     probabilities: dict[str, float] = Field(description="every class, in class order")
     top_k: list[LabelScore]
+    known: bool | None = Field(
+        None,
+        description="whether the voice matches one of the classes: false means it is none of them, whatever "
+        "'label' says (the cosine to the nearest class centroid is below known_threshold, calibrated on voices "
+        "never trained on); absent for weights without class centroids",
+    )
+    known_score: float | None = Field(None, description="cosine of the embedding to the nearest class centroid")
+    known_threshold: float | None = Field(None, description="known_score at or above this: one of the classes")
     duration_s: float
     processing: Processing
     embedding: list[float] | None = None
@@ -91,6 +99,7 @@ class ModelInfo(BaseModel):
     sample_rate: int
     features: dict[str, Any]
     verification_threshold: float | None
+    known_threshold: float | None = Field(None, description="the open-set threshold of /classify's 'known'")
     metrics: dict[str, Any]
     limits: dict[str, float]
     execution: dict[str, Any] = Field(description="backend, precision, channels_last, torch threads, batching")

@@ -39,6 +39,10 @@ class ClipResult:
     windows: int
     sample_rate: int
     channels: int
+    # open-set check (None for weights without class centroids): cosine to the nearest class
+    # centroid and whether it reaches the calibrated known-voice threshold
+    known_score: float | None = None
+    known: bool | None = None
 
 
 class InferenceService:
@@ -140,6 +144,10 @@ class InferenceService:
     def threshold(self) -> float | None:
         return self.require_model().manifest.verification_threshold
 
+    @property
+    def known_threshold(self) -> float | None:
+        return self.require_model().manifest.known_threshold
+
     def model_ref(self) -> dict[str, str]:
         m = self.require_model().manifest
         return {"name": m.name, "version": m.version, "sha256": m.sha256}
@@ -156,6 +164,7 @@ class InferenceService:
             "sample_rate": m.sample_rate,
             "features": m.features.to_dict(),
             "verification_threshold": m.verification_threshold,
+            "known_threshold": m.known_threshold,
             "metrics": m.metrics,
             "execution": {
                 "backend": loaded.backend,
@@ -221,6 +230,7 @@ class InferenceService:
         m = self.require_model()
         self.metrics.clips.labels(outcome="ok").inc()
         self.metrics.audio_seconds.inc(wave.numel() / m.sample_rate)
+        nearest = m.nearest_class(result.embedding)
         return ClipResult(
             embedding=result.embedding.numpy(),
             probabilities=result.probabilities.numpy(),
@@ -228,4 +238,6 @@ class InferenceService:
             windows=result.windows,
             sample_rate=rate,
             channels=channels,
+            known_score=None if nearest is None else nearest[1],
+            known=None if nearest is None else nearest[2],
         )

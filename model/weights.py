@@ -237,9 +237,17 @@ def save(
         else [[round(float(x), 6) for x in row] for row in class_centroids],
         known_threshold=known_threshold,
     )
-    Manifest.from_dict(manifest.to_dict())  # refuse to write what load() would refuse
-    (out / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    write_manifest(out, manifest)
     return manifest
+
+
+def write_manifest(out_dir: str | Path, manifest: Manifest) -> None:
+    """Write ``manifest.json``, refusing what :func:`load` would refuse."""
+    Manifest.from_dict(manifest.to_dict())
+    path = Path(out_dir) / MANIFEST_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    tmp.replace(path)
 
 
 @dataclass

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from model.audio import resample
-from model.training.corpus import SENTENCE_POOL, VOICES, ffmpeg_write, synthesise
+from model.training.corpus import SENTENCE_POOL, VOICES, ffmpeg_write, speak, synthesise, voice_named
 from model.training.sentences import sentences
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +49,14 @@ def speech(label: int, index: int = 0, rate: float = 1.0) -> torch.Tensor:
     with tempfile.TemporaryDirectory() as tmp:
         samples, sr = synthesise(VOICES[label], FRESH[(label * 7 + index) % len(FRESH)], rate, 0, Path(tmp))
     wave = resample(torch.from_numpy(np.ascontiguousarray(samples)), sr, 16000)
+    return wave / wave.abs().max() * 0.5
+
+
+@cache
+def voice_speech(label: str, index: int = 0) -> torch.Tensor:
+    """A catalogue voice (by its corpus label) saying a fresh test sentence, like ``speech``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        wave = speak(voice_named(label), FRESH[(index * 11 + 3) % len(FRESH)], 1.0, 0, Path(tmp))
     return wave / wave.abs().max() * 0.5
 
 

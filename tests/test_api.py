@@ -11,7 +11,11 @@ import pytest
 import torch
 
 from model.training.corpus import LABELS
-from tests.conftest import FORMATS, Server, encode, speech, wav_bytes
+from model.training.voices import catalogue
+from tests.conftest import FORMATS, Server, encode, speech, voice_speech, wav_bytes
+
+# Voices none of the 9 classes, held out of training (the open-set test voices of the catalogue)
+OPEN_TEST_VOICES = [v.label for v in catalogue() if v.role == "open-test"]
 
 # format -> (sample rate, channels); a spread of odd rates and stereo
 FORMAT_CASES = {
@@ -97,6 +101,19 @@ def test_classify_contract(client):
     emb = post_file(client, "/embed", data).json()["embedding"]
     assert cosine(emb, body["embedding"]) > 0.99999
     assert "embedding" not in post_file(client, "/classify", data).json()
+    assert body["known"] is True and body["known_score"] >= body["known_threshold"]
+
+
+def test_classify_says_when_the_voice_is_none_of_the_classes(client):
+    """A voice outside the 9 still gets the nearest label, and 'known': false says it is none of them."""
+    for label in OPEN_TEST_VOICES[:4]:
+        body = post_file(client, "/classify", wav_bytes(voice_speech(label))).json()
+        assert body["label"] in LABELS
+        assert body["known"] is False, (label, body["known_score"], body["known_threshold"])
+        assert body["known_score"] < body["known_threshold"]
+    for label in range(9):  # and the 9 voices, saying sentences they never trained on, are known
+        body = post_file(client, "/classify", wav_bytes(speech(label, 1))).json()
+        assert body["known"] is True, (LABELS[label], body["known_score"], body["known_threshold"])
 
 
 def test_verify_same_and_different_voices(client):
@@ -197,8 +214,11 @@ def test_health_ready_model_and_openapi(client):
     info = client.get("/v1/model").json()
     assert info["labels"] == LABELS and info["embedding_size"] == 256 and info["architecture"] == "resnet18"
     assert info["features"]["n_mels"] == 80 and len(info["sha256"]) == 64
-    assert -1 <= info["verification_threshold"] <= 1
+    assert -1 <= info["verification_threshold"] <= 1 and -1 <= info["known_threshold"] <= 1
+    assert "open-set validation voices" in info["metrics"]["calibration"]["verification"]["source"]
     spec = client.get("/openapi.json").json()
+    known = spec["components"]["schemas"]["ClassifyResponse"]["properties"]["known"]
+    assert "none of them" in known["description"]
     for path in (
         "/embed",
         "/classify",

@@ -202,6 +202,41 @@ def test_unknown_manifest_fields_and_bad_json_are_refused(weights_dir):
     assert "manifest.json" in one_line(exc)
 
 
+@pytest.mark.parametrize(
+    ("centroids", "threshold", "problem"),
+    [
+        ([[0.0] * 256] * 8, 0.5, "class_centroids must be 9 rows of 256"),
+        ([[0.0] * 255] * 9, 0.5, "class_centroids must be 9 rows of 256"),
+        ([[float("nan")] * 256] * 9, 0.5, "class_centroids must be 9 rows of 256"),
+        ([[0.1] * 256] * 9, None, "go together"),
+        ([[0.1] * 256] * 9, 1.5, "known_threshold must be a cosine"),
+    ],
+)
+def test_open_set_manifest_fields_are_checked(weights_dir, centroids, threshold, problem):
+    m = weights_dir / "manifest.json"
+    data = json.loads(m.read_text())
+    assert data["class_centroids"] is None and data["known_threshold"] is None  # converted: none
+    assert model.load(weights_dir).nearest_class(torch.randn(256)) is None
+    data["class_centroids"], data["known_threshold"] = centroids, threshold
+    m.write_text(json.dumps(data))
+    with pytest.raises(WeightsError) as exc:
+        model.load(weights_dir)
+    assert problem in one_line(exc)
+
+
+def test_nearest_class_uses_the_stored_centroids(weights_dir):
+    m = weights_dir / "manifest.json"
+    data = json.loads(m.read_text())
+    data["class_centroids"] = torch.eye(9, 256).tolist()
+    data["known_threshold"] = 0.8
+    m.write_text(json.dumps(data))
+    loaded = model.load(weights_dir)
+    assert loaded.nearest_class(3 * torch.eye(9, 256)[5]) == (5, pytest.approx(1.0), True)
+    mixed = torch.eye(9, 256)[2] + torch.eye(9, 256)[7] * 0.9
+    index, score, known = loaded.nearest_class(mixed)
+    assert index == 2 and score < 0.8 and known is False
+
+
 def test_convert_cli_reports_one_clean_line(tmp_path):
     torch.save(seed_network("downsample"), tmp_path / "whole.pt")
     proc = subprocess.run(

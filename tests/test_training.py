@@ -1,4 +1,4 @@
-"""Corpus generator, training pipeline and the shipped weights (issue 3)."""
+"""Corpus generator, voice catalogue, training pipeline, open-set metrics and the shipped weights."""
 
 from __future__ import annotations
 
@@ -6,38 +6,113 @@ import json
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 import model
-from model.training import corpus
 from model.audio import load as load_audio
-from model.training.data import random_crop, scan
-from model.training.evaluate import evaluate
 from model.features import FeatureConfig, LogMelSpectrogram
-from model.training.train import CODEC_SETTINGS, CodecAugment, SpecAugment, TrainConfig, train, train_step
+from model.training import corpus, voices
+from model.training.data import UNLABELLED, random_crop, scan
+from model.training.evaluate import evaluate, evaluate_open_set
+from model.training.metrics import leave_one_out_centroid, min_dcf, open_set_report
+from model.training.train import (
+    CODEC_SETTINGS,
+    AdditiveAngularMargin,
+    CodecAugment,
+    SpecAugment,
+    TrainConfig,
+    train,
+    train_step,
+)
 from tests.conftest import SHIPPED_WEIGHTS, speech
+
+# The 9 labelled voices x 20 clips, plus 2 catalogue training voices x 3 clips and 2 open-set
+# validation and 2 open-set test voices x 8 clips each.
+TINY = {"per_voice": 20, "seed": 3, "extra_per_voice": 3, "open_per_voice": 8, "voice_limit": 2}
 
 
 @pytest.fixture(scope="module")
 def tiny_corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("corpus")
-    corpus.generate(out, per_voice=20, seed=3)
+    corpus.generate(out, **TINY)
     return out
 
 
 def test_generator_writes_every_voice_with_disjoint_sentence_splits(tiny_corpus):
     rows = [json.loads(line) for line in (tiny_corpus / "manifest.jsonl").read_text().splitlines()]
-    assert len(rows) == 180
+    assert len(rows) == 180 + 2 * 3 + 4 * 8
     assert json.loads((tiny_corpus / "labels.json").read_text()) == corpus.LABELS
-    assert {r["label"] for r in rows} == set(range(9))
+    assert {r["label"] for r in rows} == {*range(9), None}
     by_split: dict[str, set[int]] = {}
     for r in rows:
         by_split.setdefault(r["split"], set()).add(r["sentence_id"])
         wave = load_audio(tiny_corpus / r["path"], 16000)
         assert 0.5 < wave.numel() / 16000 <= corpus.MAX_SECONDS + 0.1
         assert wave.abs().max() > 0.01
-    assert set(by_split) == {"train", "val", "test"}
+    assert set(by_split) == {"train", "val", "test", "open-val", "open-test"}
     assert not (by_split["train"] & (by_split["val"] | by_split["test"]))
+    assert by_split["open-test"] <= {sid for sid in range(corpus.SENTENCE_POOL) if corpus.split_of(sid) == "test"}
+    roles = {v["voice"]: v["role"] for v in json.loads((tiny_corpus / "voices.json").read_text())}
+    for r in rows:  # unlabelled rows are exactly the catalogue's other voices, in their role's split
+        assert (r["label"] is None) == (roles[r["voice"]] != "label")
+        assert r["label"] is None or corpus.LABELS[r["label"]] == r["voice"]
+        if r["label"] is None:
+            assert r["split"] == roles[r["voice"]]
+
+
+def test_labelled_voices_and_their_clips_do_not_depend_on_the_catalogue():
+    assert [(v.label, v.engine, v.name, v.warp) for v in corpus.VOICES] == [
+        ("flite-awb", "flite", "awb", 1.0),
+        ("flite-rms", "flite", "rms", 1.0),
+        ("flite-slt", "flite", "slt", 1.0),
+        ("flite-kal16", "flite", "kal16", 1.0),
+        ("festival-ked", "festival", "voice_ked_diphone", 1.0),
+        ("espeak-en-us-m3", "espeak", "en-us+m3", 1.0),
+        ("espeak-en-us-f2", "espeak", "en-us+f2", 1.0),
+        ("espeak-en-gb-m7", "espeak", "en-gb+m7", 1.0),
+        ("espeak-en-gb-scotland-f4", "espeak", "en-gb-scotland+f4", 1.0),
+    ]
+    assert corpus.plan(200, 0, extra_per_voice=12, open_per_voice=12)[:1800] == corpus.plan(200, 0)
+
+
+@pytest.mark.parametrize(
+    ("engine", "name"),
+    [
+        ("espeak", "en-us+m1"),
+        ("espeak", "en-gb-scotland+f5"),
+        ("espeak", "en-029+David"),  # any case: espeak-ng would silently fall back, we refuse
+        ("espeak", "en-gb-x-rp+ANNIE"),
+        ("espeak", "en-us+klatt2"),
+        ("espeak", "en-us+AnxiousAndy"),  # a near copy of the reserved Andy
+        ("festival", "voice_lp_diphone"),
+        ("festival", "voice_pc_diphone"),
+    ],
+)
+def test_catalogue_refuses_reserved_voices(engine, name):
+    with pytest.raises(voices.ReservedVoiceError):
+        voices.Voice("anything", engine, name, 1.0, "train")
+
+
+def test_catalogue_has_hundreds_of_voices_and_a_held_out_open_set():
+    cat = voices.catalogue()
+    reserved = voices.RESERVED_ESPEAK_VARIANTS | voices.NEAR_RESERVED_ESPEAK_VARIANTS
+    variants = {v.name.partition("+")[2] for v in cat if v.engine == "espeak"}
+    assert not {x.lower() for x in variants} & reserved
+    assert not {v.name.removeprefix("voice_") for v in cat if v.engine == "festival"} & {"lp_diphone", "pc_diphone"}
+    by_role: dict[str, list[voices.Voice]] = {}
+    for v in cat:
+        by_role.setdefault(v.role, []).append(v)
+    assert [v.label for v in by_role["label"]] == corpus.LABELS
+    assert len(by_role["train"]) + len(by_role["label"]) >= 300
+    assert len(by_role["open-val"]) + len(by_role["open-test"]) >= 24
+    usable = voices.usable_variants()
+    family = lambda v: voices.family(v.name.partition("+")[2], usable)  # noqa: E731
+    trained = {family(v) for v in by_role["train"] + by_role["label"] if v.engine == "espeak"}
+    held = [family(v) for v in by_role["open-val"] + by_role["open-test"]]
+    assert len(set(held)) == len(held) and not set(held) & trained  # whole variant families held out
+    assert all(v.warp == 1.0 for v in by_role["open-val"] + by_role["open-test"])
+    assert voices.catalogue() == cat  # a fixed draw
 
 
 def test_generation_is_reproducible_and_resumable(tiny_corpus, tmp_path):
@@ -74,26 +149,65 @@ def test_unseen_conditions_differ_from_the_standard_set(unseen):
     assert {c.split for c in clips} == {"test"}
 
 
-def test_one_training_step_lowers_the_loss(tiny_corpus):
+def test_one_training_step_lowers_both_losses(tiny_corpus):
     torch.manual_seed(0)
     data = scan(tiny_corpus)
-    items = data.split("train")[:16]
+    train_items = data.split("train")
+    items = [it for it in train_items if it.label != UNLABELLED][:10] + [
+        it for it in train_items if it.label == UNLABELLED
+    ][:6]
+    names = data.voices("train")
     gen = torch.Generator().manual_seed(0)
     waves = torch.stack([random_crop(load_audio(it.path, 16000), 8000, gen) for it in items])
-    targets = torch.tensor([it.label for it in items])
-    net = model.ResNet18()
+    voice_ids = torch.tensor([names.index(it.voice) for it in items])
+    classes = torch.tensor([it.label for it in items])
+    net, head = model.ResNet18(), AdditiveAngularMargin(256, len(names), margin=0.2)
     features = LogMelSpectrogram()
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW([*net.parameters(), *head.parameters()], lr=1e-3)
+    labelled = classes != UNLABELLED
 
-    def loss_now() -> float:
+    def losses_now() -> tuple[float, float]:
         net.train()
         with torch.no_grad():
-            logits, _ = net(features(waves))
-        return float(torch.nn.functional.cross_entropy(logits, targets))
+            logits, emb = net(features(waves))
+            margin_loss = torch.nn.functional.cross_entropy(head(emb, voice_ids), voice_ids)
+            class_loss = torch.nn.functional.cross_entropy(logits[labelled], classes[labelled])
+        return float(margin_loss), float(class_loss)
 
-    before = loss_now()
-    train_step(net, features, torch.nn.Identity(), opt, waves, targets, 0.0, bf16=False)
-    assert loss_now() < before
+    before = losses_now()
+    cfg = TrainConfig(label_smoothing=0.0)
+    train_step(net, head, features, torch.nn.Identity(), opt, waves, voice_ids, classes, cfg, bf16=False)
+    after = losses_now()
+    assert after[0] < before[0] and after[1] < before[1]
+
+
+def test_angular_margin_lowers_only_the_target_logit():
+    head = AdditiveAngularMargin(8, 5, scale=10.0, margin=0.0)
+    emb, target = torch.randn(4, 8), torch.tensor([0, 1, 2, 3])
+    plain = head(emb, target)
+    head.margin = 0.3
+    margined = head(emb, target)
+    onehot = torch.nn.functional.one_hot(target, 5).bool()
+    assert torch.allclose(plain[~onehot], margined[~onehot])
+    assert (margined[onehot] < plain[onehot]).all()
+
+
+def test_open_set_metrics_on_known_scores():
+    # three voices, well apart, 8 clips each: perfect; then one clip moved onto another voice
+    torch.manual_seed(0)
+    centres = torch.eye(3, 16) * 5
+    labels = [str(k) for k in range(3) for _ in range(8)]
+    emb = centres.repeat_interleave(8, 0) + 0.1 * torch.randn(24, 16)
+    report = open_set_report(emb, labels, [{"noise": "white"} if i % 2 else {} for i in range(24)])
+    assert report["eer"] == 0.0 and report["centroid_accuracy"] == 1.0 and report["min_dcf"] == 0.0
+    assert set(report["per_condition"]) == {"clean", "noise:white"}
+    assert report["per_condition"]["clean"]["clips"] == 12
+    emb[0] = centres[1]
+    hits = leave_one_out_centroid(emb, torch.tensor([int(x) for x in labels]))
+    assert not hits[0] and hits[1:].all()
+    # minDCF: one target trial scored below one non-target trial
+    scores, target = torch.tensor([0.9, 0.5, 0.6, 0.1]), torch.tensor([True, True, False, False])
+    assert min_dcf(scores, target, p_target=0.5) == pytest.approx(0.5)  # best: miss 1 of 2 targets, no false accept
 
 
 def test_spec_augment_masks_each_item_differently():
@@ -139,7 +253,7 @@ def test_training_features_equal_serving_features(tiny_corpus):
 
 
 def test_train_cli_writes_loadable_weights_report_and_resumes(tiny_corpus, tmp_path):
-    cfg = TrainConfig(epochs=2, batch_size=12, crop_s=0.5, patience=5)
+    cfg = TrainConfig(epochs=2, batch_size=12, crop_s=0.5, patience=5, steps_per_epoch=3, centroid_clips=3)
     train(tiny_corpus, tmp_path, cfg, FeatureConfig(), resume=False, stop_after=1)  # an interrupted run
     first = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert [h["epoch"] for h in first["history"]] == [1]
@@ -152,7 +266,18 @@ def test_train_cli_writes_loadable_weights_report_and_resumes(tiny_corpus, tmp_p
     assert loaded.manifest.sha256 == manifest.sha256
     assert loaded.labels == corpus.LABELS
     assert loaded.manifest.verification_threshold is not None
-    assert {"val_accuracy", "val_eer", "test_accuracy", "test_eer"} <= set(loaded.manifest.metrics)
+    assert {"val_accuracy", "val_eer", "open_val_eer", "test_accuracy", "test_eer", "open_set_test"} <= set(
+        loaded.manifest.metrics
+    )
+    assert "open-set validation voices" in loaded.manifest.metrics["calibration"]["verification"]["source"]
+    # the margin head is training state: in the checkpoint, never in the weights
+    tensors = safetensors.torch.load_file(str(tmp_path / "weights" / "model.safetensors"))
+    assert set(tensors) == set(model.ResNet18().state_dict())
+    assert "head" in torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    # class centroids and the known-voice threshold, for /classify's 'known'
+    assert len(loaded.manifest.class_centroids) == 9 and loaded.manifest.known_threshold is not None
+    found = loaded.nearest_class(torch.tensor(loaded.manifest.class_centroids[4]))
+    assert found is not None and found[0] == 4 and found[1] == pytest.approx(1.0, abs=1e-4)
     # save -> reload gives identical outputs
     x = torch.randn(2, 1, 80, 120)
     again = model.load(tmp_path / "weights")
@@ -160,6 +285,10 @@ def test_train_cli_writes_loadable_weights_report_and_resumes(tiny_corpus, tmp_p
         assert torch.equal(loaded.network(x)[1], again.network(x)[1])
     summary = evaluate(loaded, tiny_corpus, "test")
     assert summary["clips"] == 18 and len(summary["confusion_matrix"]) == 9
+    open_set = evaluate_open_set(loaded, tiny_corpus, "open-test")
+    assert open_set["voices"] == 2 and open_set["clips"] == 16 and open_set["min_clips_per_voice"] == 8
+    assert 0 <= open_set["eer"] <= 1 and 0 <= open_set["centroid_accuracy"] <= 1 and open_set["per_condition"]
+    assert 0 <= open_set["flagged_unknown"] <= 1 and open_set["classes_flagged_unknown"]["clips"] == 18
 
 
 @pytest.fixture(scope="module")

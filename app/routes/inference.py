@@ -89,6 +89,9 @@ def classify_result(service: InferenceService, clip: ClipResult, top_k: int, inc
         "top_k": [{"label": labels[i], "index": int(i), "score": float(probs[i])} for i in order],
         "duration_s": round(clip.duration_s, 4),
         "processing": processing(service, clip),
+        "known": clip.known,
+        "known_score": clip.known_score,
+        "known_threshold": None if clip.known is None else service.known_threshold,
         "embedding": clip.embedding.tolist() if include_embedding else None,
         "model": service.model_ref(),
     }

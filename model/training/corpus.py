@@ -202,6 +202,16 @@ def synthesise(voice: Voice, text: str, rate: float, pitch: int, workdir: Path) 
     return audio.samples.mean(axis=0), audio.sample_rate
 
 
+def speak(voice: Voice, text: str, rate: float, pitch: int, workdir: Path) -> torch.Tensor:
+    """``synthesise``, at ``SAMPLE_RATE``, with the voice's pseudo-speaker warp applied: the audio
+    read as if sampled at ``warp`` x the rate (pitch, formants and tempo move together)."""
+    samples, sr = synthesise(voice, text, rate, pitch, workdir)
+    wave = resample(torch.from_numpy(np.ascontiguousarray(samples)), sr, SAMPLE_RATE)
+    if voice.warp != 1.0:
+        wave = resample(wave, round(SAMPLE_RATE * voice.warp), SAMPLE_RATE)
+    return wave
+
+
 def colored_noise(kind: str, n: int, sr: int, gen: torch.Generator) -> torch.Tensor:
     if kind == "hum":
         t = torch.arange(n) / sr
@@ -281,10 +291,7 @@ def make_clip(clip: Clip, out_dir: Path, seed: int) -> None:
     c = clip.conditions
     gen = torch.Generator().manual_seed(random.Random(f"{seed}:{clip.path}").getrandbits(63))
     with tempfile.TemporaryDirectory() as tmp:
-        samples, sr = synthesise(voice, clip.text, float(c["rate"]), int(c["pitch"]), Path(tmp))
-        wave = resample(torch.from_numpy(np.ascontiguousarray(samples)), sr, SAMPLE_RATE)
-        if voice.warp != 1.0:  # pseudo-speaker: read as if sampled at warp x the rate (pitch, formants, tempo)
-            wave = resample(wave, round(SAMPLE_RATE * voice.warp), SAMPLE_RATE)
+        wave = speak(voice, clip.text, float(c["rate"]), int(c["pitch"]), Path(tmp))
         wave = wave[: int(MAX_SECONDS * SAMPLE_RATE)]
         wave, sr = degrade(wave, SAMPLE_RATE, c, gen)
         target.parent.mkdir(parents=True, exist_ok=True)

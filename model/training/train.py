@@ -39,8 +39,9 @@ from tqdm import tqdm
 from model.audio import decode, encode, to_mono
 from model.features import FeatureConfig, LogMelSpectrogram
 from model.resnet import ARCHITECTURES, ResNet, build
+from model.training.calibrate import calibrate, embed_all, known_scores
 from model.training.data import UNLABELLED, Dataset, load_waves, random_crop, scan
-from model.training.metrics import eer_of_scores, open_set_report, summarise
+from model.training.metrics import open_set_report, summarise
 from model.weights import EmbeddingModel, Manifest, save
 
 log = logging.getLogger(__name__)
@@ -197,14 +198,6 @@ def train_step(
     return loss.item()
 
 
-@torch.inference_mode()
-def embed_all(model: EmbeddingModel, waves: list[Tensor], max_s: float) -> tuple[Tensor, Tensor]:
-    """Whole-clip logits and embeddings (up to ``max_s`` each): ``(N, C)``, ``(N, E)``."""
-    max_len = int(max_s * model.sample_rate)
-    results = [model.infer(w[:max_len]) for w in waves]
-    return torch.stack([r.logits for r in results]), torch.stack([r.embedding for r in results])
-
-
 def _score(record: dict[str, Any]) -> tuple[float, float]:
     """Higher is better: validation accuracy less the open-set validation EER (or, without
     open-set voices, accuracy and then the 9-class EER)."""
@@ -213,23 +206,6 @@ def _score(record: dict[str, Any]) -> tuple[float, float]:
     if record.get("open_val_eer") is not None:
         return record["val_accuracy"] - eer, 0.0
     return record["val_accuracy"], -eer
-
-
-def class_centroids(model: EmbeddingModel, waves: list[Tensor], classes: list[int], n: int, max_s: float) -> Tensor:
-    """Each class's mean normalised embedding over (at most ``n`` of) its clips, normalised."""
-    rows = []
-    for k in range(model.manifest.num_classes):
-        mine = [w for w, c in zip(waves, classes, strict=True) if c == k][:n]
-        if not mine:
-            raise SystemExit(f"no training clips of class {model.labels[k]!r} for its centroid")
-        _, emb = embed_all(model, mine, max_s)
-        rows.append(F.normalize(F.normalize(emb, dim=-1).mean(0), dim=0))
-    return torch.stack(rows)
-
-
-def known_scores(embeddings: Tensor, centroids: Tensor) -> Tensor:
-    """Cosine of each embedding to its nearest class centroid."""
-    return (F.normalize(embeddings, dim=-1) @ centroids.T).max(-1).values
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -443,35 +419,15 @@ def finish(
 ) -> Manifest:
     """Calibrate on the validation voices, test, and write the weights and the report."""
     labels, sr, max_s = dataset.labels, final.sample_rate, cfg.eval_max_s
-    val_items, open_val_items = dataset.split("val"), dataset.split("open-val")
-    val_logits, val_emb = embed_all(final, val_waves, max_s)
-    calibration: dict[str, Any] = {}
-    centroids, known_threshold = None, None
-    if open_val_items:
-        _, open_val_emb = embed_all(final, open_val_waves, max_s)
-        open_val = open_set_report(open_val_emb, [it.voice for it in open_val_items])
-        threshold = open_val["eer_threshold"]
-        calibration["verification"] = {
-            "source": "open-set validation voices, all pairs, at the EER",
-            "voices": open_val["voices"],
-            "clips": open_val["clips"],
-            "eer": open_val["eer"],
-        }
-        centroids = class_centroids(final, train_waves, train_classes, cfg.centroid_clips, max_s)
-        known = known_scores(val_emb, centroids)
-        unknown = known_scores(open_val_emb, centroids)
-        target = torch.cat([torch.ones(len(known), dtype=torch.bool), torch.zeros(len(unknown), dtype=torch.bool)])
-        known_eer, known_threshold = eer_of_scores(torch.cat([known, unknown]), target)
-        calibration["known"] = {
-            "source": "cosine to the nearest class centroid, at the EER between the 9 voices' validation "
-            "clips and the open-set validation voices' clips",
-            "centroid_clips_per_class": cfg.centroid_clips,
-            "eer": known_eer,
-        }
-    else:
-        val = summarise(val_logits, val_emb, torch.tensor([it.label for it in val_items]), labels)
-        threshold = val["eer_threshold"]
-        calibration["verification"] = {"source": "validation split of the classes, all pairs, at the EER"}
+    val_items = dataset.split("val")
+    centroid_waves = [w for w, c in zip(train_waves, train_classes, strict=True) if c != UNLABELLED]
+    cal = calibrate(
+        final, dataset, val_waves, open_val_waves, centroid_waves,
+        [c for c in train_classes if c != UNLABELLED], cfg.centroid_clips, max_s,
+    )  # fmt: skip
+    val_logits, val_emb = cal.val_logits, cal.val_emb
+    threshold, centroids, known_threshold = cal.threshold, cal.centroids, cal.known_threshold
+    calibration = cal.info
     test_items = dataset.split("test")
     if test_items:
         test_waves = load_waves(test_items, sr, "loading test")

@@ -1,0 +1,152 @@
+"""Calibrate a weights directory on a corpus: the verification threshold, the class centroids and
+the known-voice threshold, all from validation data (never from test voices).
+
+    python -m model.training.calibrate WEIGHTS_DIR DATA_DIR [--centroid-clips N] [--max-s S]
+
+``/verify``'s threshold is the cosine at the equal error rate over all pairs of the open-set
+validation voices (voices never trained on), because that is what users compare. Each class's
+centroid is the normalised mean of the normalised embeddings of up to ``N`` of its training clips;
+``/classify`` calls a clip one of the classes when its cosine to the nearest centroid reaches the
+known-voice threshold, set at the equal error rate between the classes' validation clips and the
+open-set validation voices' clips. Without open-set voices in the corpus, the verification
+threshold comes from the classes' validation split and there are no centroids. Training
+(``model.training.train``) calibrates its weights this way; this command recalibrates existing
+weights on another corpus and rewrites their manifest (the tensors are not touched).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from model.training.data import UNLABELLED, Dataset, load_waves, scan
+from model.training.metrics import eer_of_scores, open_set_report, summarise
+from model.weights import EmbeddingModel, WeightsError, load, write_manifest
+
+log = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def embed_all(model: EmbeddingModel, waves: list[Tensor], max_s: float) -> tuple[Tensor, Tensor]:
+    """Whole-clip logits and embeddings (up to ``max_s`` each): ``(N, C)``, ``(N, E)``."""
+    max_len = int(max_s * model.sample_rate)
+    results = [model.infer(w[:max_len]) for w in waves]
+    return torch.stack([r.logits for r in results]), torch.stack([r.embedding for r in results])
+
+
+def class_centroids(model: EmbeddingModel, waves: list[Tensor], classes: list[int], n: int, max_s: float) -> Tensor:
+    """Each class's mean normalised embedding over (at most ``n`` of) its clips, normalised."""
+    rows = []
+    for k in range(model.manifest.num_classes):
+        mine = [w for w, c in zip(waves, classes, strict=True) if c == k][:n]
+        if not mine:
+            raise ValueError(f"no training clips of class {model.labels[k]!r} for its centroid")
+        _, emb = embed_all(model, mine, max_s)
+        rows.append(F.normalize(F.normalize(emb, dim=-1).mean(0), dim=0))
+    return torch.stack(rows)
+
+
+def known_scores(embeddings: Tensor, centroids: Tensor) -> Tensor:
+    """Cosine of each embedding to its nearest class centroid."""
+    return (F.normalize(embeddings, dim=-1) @ centroids.T).max(-1).values
+
+
+@dataclass
+class Calibration:
+    threshold: float | None
+    centroids: Tensor | None
+    known_threshold: float | None
+    info: dict[str, Any]
+    val_logits: Tensor
+    val_emb: Tensor
+
+
+def calibrate(
+    model: EmbeddingModel,
+    dataset: Dataset,
+    val_waves: list[Tensor],
+    open_val_waves: list[Tensor],
+    centroid_waves: list[Tensor],
+    centroid_classes: list[int],
+    centroid_clips: int,
+    max_s: float,
+) -> Calibration:
+    val_items, open_val_items = dataset.split("val"), dataset.split("open-val")
+    val_logits, val_emb = embed_all(model, val_waves, max_s)
+    info: dict[str, Any] = {}
+    if not open_val_items:
+        val = summarise(val_logits, val_emb, torch.tensor([it.label for it in val_items]), dataset.labels)
+        info["verification"] = {"source": "validation split of the classes, all pairs, at the EER"}
+        return Calibration(val["eer_threshold"], None, None, info, val_logits, val_emb)
+    _, open_val_emb = embed_all(model, open_val_waves, max_s)
+    open_val = open_set_report(open_val_emb, [it.voice for it in open_val_items])
+    info["verification"] = {
+        "source": "open-set validation voices (never trained on), all pairs, at the EER",
+        "voices": open_val["voices"],
+        "clips": open_val["clips"],
+        "eer": open_val["eer"],
+    }
+    centroids = class_centroids(model, centroid_waves, centroid_classes, centroid_clips, max_s)
+    known, unknown = known_scores(val_emb, centroids), known_scores(open_val_emb, centroids)
+    target = torch.cat([torch.ones(len(known), dtype=torch.bool), torch.zeros(len(unknown), dtype=torch.bool)])
+    known_eer, known_threshold = eer_of_scores(torch.cat([known, unknown]), target)
+    info["known"] = {
+        "source": "cosine to the nearest class centroid, at the EER between the classes' validation clips "
+        "and the open-set validation voices' clips",
+        "centroid_clips_per_class": centroid_clips,
+        "eer": known_eer,
+    }
+    return Calibration(open_val["eer_threshold"], centroids, known_threshold, info, val_logits, val_emb)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.training.calibrate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("weights_dir", type=Path)
+    parser.add_argument("data_dir", type=Path)
+    parser.add_argument("--centroid-clips", type=int, default=40, help="training clips per class for its centroid")
+    parser.add_argument("--max-s", type=float, default=8.0, help="seconds of each clip used")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        model = load(args.weights_dir)
+        dataset = scan(args.data_dir)
+        if dataset.labels != model.labels:
+            raise ValueError(f"{args.data_dir}: its classes {dataset.labels} are not the model's {model.labels}")
+        sr = model.sample_rate
+        train = [it for it in dataset.split("train") if it.label != UNLABELLED]
+        chosen = [
+            it for k in range(len(model.labels)) for it in [i for i in train if i.label == k][: args.centroid_clips]
+        ]
+        cal = calibrate(
+            model,
+            dataset,
+            load_waves(dataset.split("val"), sr, "loading val"),
+            load_waves(dataset.split("open-val"), sr, "loading open-set val"),
+            load_waves(chosen, sr, "loading centroid clips"),
+            [it.label for it in chosen],
+            args.centroid_clips,
+            args.max_s,
+        )
+    except (WeightsError, ValueError) as exc:
+        log.error("error: %s", exc)
+        return 2
+    m = model.manifest
+    m.verification_threshold = None if cal.threshold is None else round(cal.threshold, 4)
+    m.known_threshold = None if cal.known_threshold is None else round(cal.known_threshold, 4)
+    m.class_centroids = None if cal.centroids is None else [[round(x, 6) for x in r] for r in cal.centroids.tolist()]
+    m.metrics["calibration"] = {**cal.info, "data": str(args.data_dir)}
+    write_manifest(args.weights_dir, m)
+    log.info("calibrated %s: verification %s, known %s", args.weights_dir, m.verification_threshold, m.known_threshold)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
