@@ -41,8 +41,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     HOST=0.0.0.0 \
     PORT=8000 \
-    WEIGHTS_DIR=/opt/voice-embed/weights
-RUN groupadd --system --gid 10001 app && useradd --system --uid 10001 --gid app --home-dir /nonexistent app
+    WEIGHTS_DIR=/opt/voice-embed/weights \
+    DATA_DIR=/var/lib/voice-embed
+RUN groupadd --system --gid 10001 app && useradd --system --uid 10001 --gid app --home-dir /nonexistent app \
+ && install -d -o 10001 -g 10001 -m 0750 /var/lib/voice-embed
+# The default speaker store (SQLite) lives here; DATABASE_URL=postgresql://... replaces it.
+VOLUME /var/lib/voice-embed
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/voice-embed/weights /opt/voice-embed/weights
 USER 10001:10001

@@ -19,7 +19,7 @@ EPOCHS ?= 7
 STEPS ?= 100
 # TRAIN_ARGS=--resume continues $(RUN)/checkpoint.pt; TRAIN_ARGS="--stop-after N" ends after N epochs
 TRAIN_ARGS ?=
-SYSTEM_PACKAGES := flite festival festvox-kdlpc16k espeak-ng sox ffmpeg nginx
+SYSTEM_PACKAGES := flite festival festvox-kdlpc16k espeak-ng sox ffmpeg nginx postgresql
 SYSTEM_COMMANDS := flite festival espeak-ng sox ffmpeg nginx
 # festival's other-language voices, for the many-voice corpus only (model/training/voices.py)
 CORPUS_PACKAGES := festvox-ru festvox-suopuhe-lj festvox-suopuhe-mv festvox-czech-dita festvox-czech-machac \
@@ -39,9 +39,10 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## create or update .venv/ from pyproject.toml
 
-system-deps: ## apt-get the speech synthesisers, sox, ffmpeg and nginx when missing
+system-deps: ## apt-get the speech synthesisers, sox, ffmpeg, nginx and PostgreSQL (for tests) when missing
 	@missing=""; for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
 	dpkg -s festvox-kdlpc16k >/dev/null 2>&1 || missing="$$missing festvox-kdlpc16k"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages (missing:$$missing)"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES); \
@@ -84,6 +85,7 @@ evaluate-open-set: $(STAMP) ## the embedding on the open-set test voices of $(DA
 
 bench: $(STAMP) system-deps ## service vs model-only, naive baseline and hardware ceilings, in one run
 	$(PY) -m bench.run
+	$(PY) -m bench.identify
 
 soak: $(STAMP) system-deps ## RSS after 5,000 requests of mixed lengths vs after warm-up
 	$(PY) -m bench.soak

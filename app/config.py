@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     api_keys: str = Field(default="", description="comma-separated bearer keys; empty: no authentication")
     graceful_timeout_s: int = Field(default=30, ge=0, description="how long SIGTERM waits for in-flight work")
     log_level: str = "INFO"
+    data_dir: Path = Field(default=ROOT / "var", description="where the default SQLite speaker store lives")
+    database_url: str = Field(default="", description="postgresql://... to share speakers between replicas")
 
     @property
     def api_key_list(self) -> list[str]:

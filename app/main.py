@@ -23,7 +23,7 @@ from app import errors, memory
 from app.config import Settings, get_settings
 from app.metrics import Metrics
 from app.middleware import ApiKeyAuth, RequestContext, request_id_var
-from app.routes import health, inference
+from app.routes import health, inference, speakers
 from app.service import InferenceService
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     metrics = Metrics()
     service = InferenceService(settings, metrics)
+    speaker_service = speakers.SpeakerService(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -104,12 +105,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         threads = configure_torch(settings.torch_threads, settings.bound_memory)
         log.info("loading %s with %d torch threads", settings.weights_dir, threads)
         await run_in_threadpool(service.load, settings.weights_dir)
+        with contextlib.suppress(errors.ApiError):  # logged; the speaker endpoints retry on use
+            await run_in_threadpool(speaker_service.store)  # open and migrate before traffic
         on_sigterm_report_not_ready(service)
         try:
             yield
         finally:
             service.stop_accepting()
             service.close()
+            speaker_service.close()
             log.info("stopped")
 
     app = FastAPI(
@@ -120,9 +124,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.service = service
+    app.state.speakers = speaker_service
     errors.install(app)
     app.include_router(health.router)
     app.include_router(inference.router)
+    app.include_router(speakers.router)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:

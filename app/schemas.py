@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ErrorDetail(BaseModel):
@@ -69,6 +69,59 @@ class VerifyResponse(BaseModel):
     same_speaker: bool
     threshold: float
     duration_s: dict[str, float]
+    model: ModelRef
+
+
+class SpeakerOut(BaseModel):
+    id: str
+    name: str
+    metadata: dict[str, Any]
+    clips: int = Field(description="clips in the profile; each counts once in the voiceprint")
+    seconds: float = Field(description="audio in those clips")
+    created_at: str
+    updated_at: str
+    model: ModelRef = Field(description="the weights that made the profile's embeddings")
+    stale: bool = Field(description="made with other weights than the ones served: never compared, enrol again")
+    embedding: list[float] | None = Field(None, description="the voiceprint, with ?include_embedding=true")
+
+
+class SpeakerList(BaseModel):
+    speakers: list[SpeakerOut] = Field(description="oldest first")
+    next_cursor: str | None = Field(None, description="pass as ?cursor= for the next page; absent on the last")
+
+
+class SpeakerPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, min_length=1, max_length=200)
+    metadata: dict[str, Any] | None = Field(None, description="replaces the metadata")
+
+
+class SpeakerRef(BaseModel):
+    id: str
+    name: str
+
+
+class SpeakerVerifyResponse(BaseModel):
+    speaker: SpeakerRef
+    score: float = Field(description="cosine of the clip's embedding to the profile's voiceprint")
+    same_speaker: bool
+    threshold: float
+    model: ModelRef
+
+
+class Match(BaseModel):
+    id: str
+    name: str
+    score: float
+
+
+class IdentifyResponse(BaseModel):
+    matches: list[Match] = Field(description="the best top_k profiles, best first")
+    speaker: Match | None = Field(description="the best match, or null when its score is below the threshold")
+    threshold: float
+    searched: int = Field(description="profiles compared (this namespace's, made with the served weights)")
+    skipped_stale: int = Field(description="profiles made with other weights, not compared")
     model: ModelRef
 
 

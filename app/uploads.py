@@ -25,23 +25,36 @@ def media_type(request: Request) -> str:
 
 async def read_form_files(request: Request, fields: list[str], max_files: int) -> dict[str, list[Upload]]:
     """All file parts of a multipart body, by field name, in order."""
+    return (await read_form(request, fields, [], max_files))[0]
+
+
+async def read_form(
+    request: Request, file_fields: list[str], text_fields: list[str], max_files: int
+) -> tuple[dict[str, list[Upload]], dict[str, str]]:
+    """The file parts (by field name, in order) and the text fields of a multipart body."""
     try:
         form = await request.form(max_files=max_files, max_fields=max_files + 8)
     except MultiPartException as exc:
         raise bad_request(f"malformed multipart body: {exc.message}") from None
     except (ValueError, KeyError, UnicodeDecodeError) as exc:
         raise bad_request(f"malformed multipart body: {exc}") from None
-    found: dict[str, list[Upload]] = {name: [] for name in fields}
+    found: dict[str, list[Upload]] = {name: [] for name in file_fields}
+    texts: dict[str, str] = {}
     try:
         for name, value in form.multi_items():
-            if name not in found:
-                continue
-            if not isinstance(value, UploadFile):
-                raise bad_request(f"form field {name!r} must be a file upload, not a text value")
-            found[name].append(Upload(value.filename, await value.read()))
+            if name in text_fields:
+                if isinstance(value, UploadFile):
+                    raise bad_request(f"form field {name!r} must be a text value, not a file upload")
+                if name in texts:
+                    raise bad_request(f"form field {name!r} is given more than once")
+                texts[name] = value
+            elif name in found:
+                if not isinstance(value, UploadFile):
+                    raise bad_request(f"form field {name!r} must be a file upload, not a text value")
+                found[name].append(Upload(value.filename, await value.read()))
     finally:
         await form.close()
-    return found
+    return found, texts
 
 
 async def read_audio(request: Request, max_files: int, field: str = "file") -> list[Upload]:

@@ -41,12 +41,18 @@ def test_probes_ports_and_body_limit_match_the_service():
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["ports"][0]["containerPort"] == Settings().port
     grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
     assert grace > int(env["GRACEFUL_TIMEOUT_S"])  # Kubernetes waits longer than the drain
     nginx = (ROOT / "deploy" / "nginx" / "voice-embed.conf").read_text()
     size_mb = int(re.search(r"client_max_body_size (\d+)m;", nginx).group(1))
     assert size_mb * 1024 * 1024 == Settings().max_body_bytes
     compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
-    assert {"app1", "app2", "app3", "nginx"} <= set(compose["services"])
+    assert {"app1", "app2", "app3", "nginx", "postgres"} <= set(compose["services"])
+    assert all("DATABASE_URL" in compose["services"][f"app{i}"]["environment"] for i in (1, 2, 3))
+    assert "speakers-db" in compose["volumes"]
+    env_from = next(e for e in container["env"] if e["name"] == "DATABASE_URL")["valueFrom"]
+    secret = yaml.safe_load((ROOT / "deploy" / "k8s" / "secret.yaml").read_text())
+    assert secret["metadata"]["name"] == env_from["secretKeyRef"]["name"]
+    assert env_from["secretKeyRef"]["key"] in secret["stringData"]
     upstreams = re.findall(r"server (app\d):8000", nginx)
     assert set(upstreams) == {"app1", "app2", "app3"}

@@ -1,5 +1,6 @@
-"""nginx (deploy/nginx/voice-embed.conf) in front of three real replicas: a steady stream of
-requests while one replica is SIGKILLed and another SIGTERMed loses nothing (issue 5)."""
+"""nginx (deploy/nginx/voice-embed.conf) in front of three real replicas sharing one PostgreSQL:
+a speaker enrolled through the balancer is identified by every replica (issue 14), and a steady
+stream of requests while one replica is SIGKILLed and another SIGTERMed loses nothing (issue 5)."""
 
 from __future__ import annotations
 
@@ -60,8 +61,20 @@ def served_embeds(url: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def test_replica_killed_and_terminated_under_load_loses_no_request(tmp_path, nginx_bin):
-    replicas = [Server(env={"TORCH_THREADS": "1"}) for _ in range(3)]
+def enrol_through_balancer_and_identify_on_every_replica(url: str, replicas: list[Server]) -> None:
+    files = [("file", (f"{i}.wav", wav_bytes(speech(6, i)), "audio/wav")) for i in range(3)]
+    with httpx.Client(base_url=url, timeout=60) as c:
+        made = c.post("/speakers", data={"name": "through nginx"}, files=files)
+        assert made.status_code == 201, made.text
+    probe = wav_bytes(speech(6, 4))
+    for r in replicas:  # each replica, asked directly, finds the voice on its next request
+        found = httpx.post(r.url + "/identify", files={"file": ("probe.wav", probe)}, timeout=60).json()
+        assert found["speaker"] is not None and found["speaker"]["id"] == made.json()["id"], (r.port, found)
+
+
+def test_replica_killed_and_terminated_under_load_loses_no_request(tmp_path, nginx_bin, postgres):
+    env = {"TORCH_THREADS": "1", "DATABASE_URL": postgres}
+    replicas = [Server(env=env) for _ in range(3)]
     proxy_port = free_port()
     conf = nginx_config(tmp_path, [r.port for r in replicas], proxy_port)
     nginx = None
@@ -78,6 +91,7 @@ def test_replica_killed_and_terminated_under_load_loses_no_request(tmp_path, ngi
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
+        enrol_through_balancer_and_identify_on_every_replica(url, replicas)
         clip = wav_bytes(speech(5)[:16000])
         reference = np.asarray(
             httpx.post(url + "/embed", content=clip, headers={"Content-Type": "audio/wav"}, timeout=60).json()[
@@ -115,7 +129,7 @@ def test_replica_killed_and_terminated_under_load_loses_no_request(tmp_path, ngi
         replicas[1].proc.send_signal(signal.SIGTERM)
         time.sleep(2)
         # bring the killed replica back on its port; nginx takes it back after fail_timeout
-        restarted = Server(env={"TORCH_THREADS": "1"}, port=replicas[0].port)
+        restarted = Server(env=env, port=replicas[0].port)
         restarted.wait_ready()
         for t in threads:
             t.join()

@@ -97,6 +97,48 @@ def evaluate_open_set(model: EmbeddingModel, data_dir: Path, split: str = "open-
     return report
 
 
+@torch.inference_mode()
+def evaluate_identification(
+    model: EmbeddingModel, data_dir: Path, split: str = "open-test", enrol_clips: int = 3
+) -> dict[str, Any]:
+    """Open-set identification as the service's /identify does it: every other voice of the split
+    (sorted by name) is enrolled from its first ``enrol_clips`` clips (voiceprint: the normalised
+    sum of the clips' normalised embeddings); every remaining clip is identified against all
+    voiceprints with the weights' verification threshold. Reports top-1 accuracy on the enrolled
+    voices' other clips and the share of the never-enrolled voices' clips answered with no speaker."""
+    if model.manifest.verification_threshold is None:
+        raise ValueError("these weights have no verification threshold")
+    items = scan(data_dir).split(split)
+    if not items:
+        raise ValueError(f"{data_dir}: no clips in split {split!r}")
+    waves = load_waves(items, model.sample_rate, f"loading {split}")
+    emb = F.normalize(torch.stack([model.infer(w).embedding for w in waves]), dim=-1)
+    names = sorted({it.voice for it in items})
+    enrolled = names[::2]
+    prints, probes = [], []
+    for v in enrolled:
+        mine = [k for k, it in enumerate(items) if it.voice == v]
+        prints.append(F.normalize(emb[mine[:enrol_clips]].sum(0), dim=0))
+        probes += [(k, enrolled.index(v)) for k in mine[enrol_clips:]]
+    matrix, threshold = torch.stack(prints), model.manifest.verification_threshold
+    hits = [int((matrix @ emb[k]).argmax()) == want for k, want in probes]
+    accepted = [bool((matrix @ emb[k]).max() >= threshold) for k, want in probes]
+    strangers = [k for k, it in enumerate(items) if it.voice not in enrolled]
+    rejected = [bool((matrix @ emb[k]).max() < threshold) for k in strangers]
+    return {
+        "split": split,
+        "enrolled_voices": len(enrolled),
+        "enrol_clips": enrol_clips,
+        "probe_clips": len(probes),
+        "top1_accuracy": sum(hits) / len(hits),
+        "identified": sum(h and a for h, a in zip(hits, accepted, strict=True)) / len(hits),
+        "never_enrolled_voices": len(names) - len(enrolled),
+        "never_enrolled_clips": len(strangers),
+        "never_enrolled_answered_none": sum(rejected) / len(rejected),
+        "threshold": threshold,
+    }
+
+
 def _known(model: EmbeddingModel, embedding: torch.Tensor) -> bool:
     found = model.nearest_class(embedding)
     return found is not None and found[2]
@@ -149,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         "--split", help="test (default), val, train, all; with --open-set: open-test (default), open-val"
     )
     parser.add_argument("--open-set", action="store_true", help="the embedding on voices never trained on")
+    parser.add_argument(
+        "--identify", action="store_true", help="with --open-set: enrol 3 clips of every other voice, identify the rest"
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--backend", default="torch", choices=list(BACKENDS))
     parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
@@ -163,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     args.split = split
     try:
         model = load(args.weights_dir).configure(args.precision, args.channels_last, args.backend)
-        if args.open_set:
+        if args.open_set and args.identify:
+            summary = evaluate_identification(model, args.data_dir, split)
+        elif args.open_set:
             summary = evaluate_open_set(model, args.data_dir, split)
         elif args.parity:
             waves, _ = load_split(model, args.data_dir, args.split)
@@ -173,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     except (WeightsError, ValueError) as exc:
         log.error("error: %s", exc)
         return 2
-    if args.json or args.parity:
+    if args.json or args.parity or args.identify:
         text = json.dumps(summary, indent=2)
     else:
         text = format_open_set(summary) if args.open_set else format_report(summary, model.labels)
