@@ -11,6 +11,7 @@ import torch
 
 import model
 from model.convert import convert
+from model.weights import write_manifest
 from tests.conftest import SHIPPED_WEIGHTS, Server, free_port, speech, wav_bytes
 
 KEYS = {"a": "key-alice-team", "b": "key-bob-team"}
@@ -32,7 +33,8 @@ def enrol(
 
 
 def start(env: dict[str, str], weights: Path = SHIPPED_WEIGHTS) -> Server:
-    server = Server(env={"BACKEND": "torch", "API_KEYS": ",".join(KEYS.values()), **env}, weights=weights)
+    env = {"BACKEND": "torch", "TORCH_THREADS": "1", "API_KEYS": ",".join(KEYS.values()), **env}
+    server = Server(env=env, weights=weights)
     server.wait_ready(timeout=180)
     return server
 
@@ -183,6 +185,9 @@ def test_profiles_survive_a_restart_and_other_weights_mark_them_stale(sqlite_ser
     torch.manual_seed(0)  # other weights: a freshly initialised network, converted
     torch.save(model.ResNet18().state_dict(), tmp_path / "other.pt")
     convert(tmp_path / "other.pt", tmp_path / "other", "resnet18")
+    manifest = model.load(tmp_path / "other").manifest
+    manifest.verification_threshold = 0.5  # a converted checkpoint has none; /identify needs one
+    write_manifest(tmp_path / "other", manifest)
     other = start({"DATA_DIR": str(data_dir)}, weights=tmp_path / "other")
     try:
         with httpx.Client(base_url=other.url, timeout=120) as c:
