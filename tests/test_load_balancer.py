@@ -81,7 +81,7 @@ def test_replica_killed_and_terminated_under_load_loses_no_request(tmp_path, ngi
     restarted: Server | None = None
     try:
         for r in replicas:
-            r.wait_ready()
+            r.wait_ready(timeout=180)  # three compile at once on two cores
         nginx = subprocess.Popen([nginx_bin, "-c", str(conf), "-g", "daemon off;"], stderr=subprocess.PIPE)
         url = f"http://127.0.0.1:{proxy_port}"
         deadline = time.monotonic() + 10
@@ -130,7 +130,7 @@ def test_replica_killed_and_terminated_under_load_loses_no_request(tmp_path, ngi
         time.sleep(2)
         # bring the killed replica back on its port; nginx takes it back after fail_timeout
         restarted = Server(env=env, port=replicas[0].port)
-        restarted.wait_ready()
+        restarted.wait_ready(timeout=180)
         for t in threads:
             t.join()
 
