@@ -234,8 +234,7 @@ async def add_clips(
 ) -> Any:
     service.require_model()
     namespace, model = namespace_of(request, settings), current_model(service)
-    if await in_store(speakers, lambda s: s.get(namespace, speaker_id)) is None:
-        raise not_found(speaker_id)
+    await profile_or_404(speakers, namespace, speaker_id)
     service.check_capacity()
     require_multipart(request, "'file' parts")
     files, _ = await read_form(request, ["file"], [], settings.max_files)
@@ -247,6 +246,13 @@ async def add_clips(
     except ValueError:
         raise stale(speaker_id) from None
     return speaker_out(profile, service, include_embedding)
+
+
+async def profile_or_404(speakers: SpeakerService, namespace: str, speaker_id: str) -> Profile:
+    profile = await in_store(speakers, lambda s: s.get(namespace, speaker_id))
+    if profile is None:
+        raise not_found(speaker_id)
+    return profile
 
 
 def not_found(speaker_id: str) -> ApiError:
@@ -291,9 +297,7 @@ async def get_speaker(
 ) -> Any:
     service.require_model()
     namespace = namespace_of(request, settings)
-    profile = await in_store(speakers, lambda s: s.get(namespace, speaker_id))
-    if profile is None:
-        raise not_found(speaker_id)
+    profile = await profile_or_404(speakers, namespace, speaker_id)
     return speaker_out(profile, service, include_embedding)
 
 
@@ -348,9 +352,7 @@ async def verify_speaker(
 ) -> Any:
     service.require_model()
     namespace = namespace_of(request, settings)
-    profile = await in_store(speakers, lambda s: s.get(namespace, speaker_id))
-    if profile is None:
-        raise not_found(speaker_id)
+    profile = await profile_or_404(speakers, namespace, speaker_id)
     if profile.model_sha256 != service.model_ref()["sha256"]:
         raise stale(speaker_id)
     threshold = require_threshold(service)
