@@ -32,6 +32,11 @@ RESERVED_FESTIVAL_VOICES = frozenset({"lp_diphone", "pc_diphone"})
 # Not reserved by name, but kept out all the same: AnxiousAndy is the reserved Andy with another
 # pitch and a few formants changed (same formant 0 and 1), so training on it would leak Andy.
 NEAR_RESERVED_ESPEAK_VARIANTS = frozenset({"anxiousandy"})
+# Variants that add no voice of their own, measured with espeak-ng 1.51 on every accent: "Mr" and
+# "fast" only set a speed (which the corpus sets itself), so they speak as the accent's base voice
+# (and "en+Mr" is the label voice espeak-en-gb-m7); "caleb" and "klatt6" give the same samples as
+# "klatt". Two labels for one voice would teach the embedding that one voice is two.
+DUPLICATE_ESPEAK_VARIANTS = frozenset({"mr", "fast", "caleb", "klatt6"})
 
 
 class ReservedVoiceError(ValueError):
@@ -89,9 +94,14 @@ ESPEAK_VARIANT_FILES = [
     "klatt6", "m2", "m3", "m4", "m5", "m6", "m7", "norbert", "sandro", "shelby", "travis", "victor",
     "whisper", "m8", "f1", "croak", "m1", "grandma",
 ]  # fmt: skip
+# British English is asked for as "en" (espeak-ng's gmw/en, the same voice as plain "en-gb"):
+# espeak-ng 1.51 ignores the variant after "en-gb" ("en-gb+rob" and "en-gb+gustave" give the
+# same samples as plain "en-gb"), which made dozens of "different" voices one voice, the same as
+# the label voice espeak-en-gb-m7. tests/test_training.py checks every catalogue voice sounds
+# different from every other.
 ESPEAK_ACCENTS = (
     "en-us",
-    "en-gb",
+    "en",
     "en-gb-scotland",
     "en-gb-x-rp",
     "en-gb-x-gbclan",
@@ -122,11 +132,11 @@ ESPEAK_WARPED_VARIANTS = 24  # training espeak variants that also get warped pse
 
 
 def usable_variants() -> list[str]:
-    """Variant files that are neither reserved nor near copies of a reserved one."""
+    """Variant files that are neither reserved, near copies of a reserved one, nor duplicates."""
     out = []
     for v in ESPEAK_VARIANT_FILES:
         low = v.lower()
-        if low not in RESERVED_ESPEAK_VARIANTS and low not in NEAR_RESERVED_ESPEAK_VARIANTS:
+        if low not in RESERVED_ESPEAK_VARIANTS | NEAR_RESERVED_ESPEAK_VARIANTS | DUPLICATE_ESPEAK_VARIANTS:
             out.append(v)
     return out
 
