@@ -33,7 +33,8 @@ class Metrics:
         self.stage = Histogram(
             "voice_embed_stage_seconds",
             "time per clip in each server stage: decode (and checks), queue (waiting for the "
-            "inference worker), inference (one worker pass, shared by the clips batched in it)",
+            "inference worker), inference (one worker pass, shared by the clips batched in it), search "
+            "(/identify: the change-counter check, loading profiles when they changed, the cosine search)",
             ["stage"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
             registry=r,

@@ -391,6 +391,7 @@ async def identify(
     threshold = require_threshold(service)
     clip = await one_clip(request, service, settings)
     namespace, sha = namespace_of(request, settings), service.model_ref()["sha256"]
+    started = time.perf_counter()
     index = await in_store(speakers, lambda s: s.index(namespace, sha))
     matches: list[dict[str, Any]] = []
     if index.ids:
@@ -399,6 +400,7 @@ async def identify(
         best = np.argpartition(-scores, k - 1)[:k]
         best = best[np.argsort(-scores[best], kind="stable")]
         matches = [{"id": index.ids[i], "name": index.names[i], "score": float(scores[i])} for i in best]
+    service.metrics.stage.labels(stage="search").observe(time.perf_counter() - started)
     found = matches[0] if matches and matches[0]["score"] >= threshold else None
     return {
         "matches": matches,
