@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     window_s: float = Field(default=20.0, gt=1.0, description="long clips are averaged over windows this long")
     silence_peak: float = Field(default=1e-4, ge=0, description="clips whose peak is below this are silent")
     max_pending: int = Field(default=32, ge=1, description="clips admitted at once; beyond it: 503 + Retry-After")
+    memory_budget_mb: int | None = Field(
+        default=None,
+        ge=64,
+        description="RSS the process may reach; uploads that do not fit beside those in flight get 503 + Retry-After "
+        "before their body is read. Default: 85 % of the container's memory limit, else 4096 MB (at most 85 % of RAM)",
+    )
     api_keys: str = Field(default="", description="comma-separated bearer keys; empty: no authentication")
     graceful_timeout_s: int = Field(default=30, ge=0, description="how long SIGTERM waits for in-flight work")
     log_level: str = "INFO"

@@ -21,6 +21,18 @@ class Metrics:
         self.clips = Counter("voice_embed_clips", "clips analysed, by outcome", ["outcome"], registry=r)
         self.pending = Gauge("voice_embed_pending_clips", "clips admitted and not yet finished", registry=r)
         self.rejected = Counter("voice_embed_overload_rejections", "requests refused with 503 (queue full)", registry=r)
+        self.memory_rejected = Counter(
+            "voice_embed_memory_rejections", "requests refused because they do not fit the memory budget", registry=r
+        )
+        self.memory_reserved = Gauge(
+            "voice_embed_memory_reserved_bytes", "memory reserved by the requests in flight", registry=r
+        )
+        self.memory_budget = Gauge(
+            "voice_embed_memory_budget_bytes",
+            "MEMORY_BUDGET_MB, and the baseline taken by the model",
+            ["part"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "voice_embed_batch_size", "clips per request", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
         )

@@ -22,11 +22,13 @@ import torch
 
 import model
 from app import memory
+from app.budget import MIB, REQUEST_OVERHEAD, MemoryBudget, OverBudgetError, default_budget_mb, peak_rss_bytes
 from app.config import Settings
 from app.errors import ApiError
 from app.metrics import Metrics
+from app.uploads import Intake, Upload
 from app.worker import BatchingWorker
-from model.audio import AudioError, AudioTooLongError, decode
+from model.audio import AudioError, AudioTooLongError, decode_mono
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,8 @@ class InferenceService:
         self.draining = False
         self.pending = 0
         self._decode_pool = ThreadPoolExecutor(2, thread_name_prefix="decode")
+        self.budget = MemoryBudget((settings.memory_budget_mb or default_budget_mb()) * MIB)
+        metrics.memory_budget.labels(part="budget").set(self.budget.limit)
         self._worker: BatchingWorker[torch.Tensor, model.Inference] | None = None
 
     # lifecycle ---------------------------------------------------------------------------
@@ -68,6 +72,10 @@ class InferenceService:
         trim = memory.trimmer() if s.trim_memory else None
         if trim is not None:
             trim()  # warm-up's garbage: RSS from here on is the serving footprint
+        # The peak so far holds the largest forward pass the worker makes (warm-up made one):
+        # what requests may hold is the budget less that.
+        self.budget.set_baseline(peak_rss_bytes() or 0)
+        self.metrics.memory_budget.labels(part="baseline").set(self.budget.baseline)
         # trims on the worker's idle schedule (its defaults; bench.soak measures what that bounds)
         self._worker = BatchingWorker(self._infer_batch, s.batch_clips, self._on_batch, on_idle=trim)
         m = loaded.manifest
@@ -75,12 +83,14 @@ class InferenceService:
         self.metrics.model.info({**info, "backend": loaded.backend, "precision": loaded.precision})
         self.ready = True
         log.info(
-            "model ready in %.2f s (%s on %s, %s, channels_last=%s)",
+            "model ready in %.2f s (%s on %s, %s, channels_last=%s); memory budget %d MB, %d MB of it for requests",
             time.perf_counter() - started,
             m.architecture,
             loaded.backend,
             loaded.precision,
             loaded.channels_last,
+            self.budget.limit // MIB,
+            self.budget.capacity // MIB,
         )
 
     def _warm_up(self, loaded: model.EmbeddingModel) -> None:
@@ -90,8 +100,11 @@ class InferenceService:
         short = torch.from_numpy(rng.normal(0, 0.1, loaded.sample_rate * 3).astype(np.float32))
         for n in range(1, self.settings.batch_windows + 1):
             loaded.infer_many([short] * n, self.settings.window_s, self.settings.batch_windows)
-        full = torch.from_numpy(rng.normal(0, 0.1, int(loaded.sample_rate * self.settings.window_s)).astype(np.float32))
-        loaded.infer(full, self.settings.window_s, self.settings.batch_windows)
+        # a clip of batch_windows full windows: the largest forward pass there is (its memory peak
+        # is part of the budget's baseline)
+        full = int(loaded.sample_rate * self.settings.window_s) * self.settings.batch_windows
+        loaded.infer(torch.from_numpy(rng.normal(0, 0.1, full).astype(np.float32)), self.settings.window_s,
+                     self.settings.batch_windows)  # fmt: skip
 
     def close(self) -> None:
         self.ready = False
@@ -116,6 +129,52 @@ class InferenceService:
         if self.pending >= self.settings.max_pending:
             self.metrics.rejected.inc()
             raise ApiError(503, "overloaded", "the server is at capacity; retry shortly", {"Retry-After": "1"})
+
+    def estimate(self, content_length: int | None, clips: int) -> int:
+        """Bytes a request may hold, from its body size: the fixed overhead plus, twice, the 16 kHz
+        mono float32 waveform(s) it can decode to. A body byte is taken to become at most two bytes
+        of waveform (16-bit PCM at the model's rate; every other uncompressed form becomes less);
+        compressed bodies that decode to more grow their reservation as they decode. Each clip is
+        at most MAX_DURATION_S long."""
+        s = self.settings
+        rate = self.model.sample_rate if self.model is not None else 16000
+        cap = int(s.max_duration_s * rate) * 4 * clips
+        body = s.max_body_bytes if content_length is None else min(content_length, s.max_body_bytes)
+        return REQUEST_OVERHEAD + 2 * min(2 * body, cap)
+
+    def over_budget(self, exc: OverBudgetError) -> ApiError:
+        self.metrics.memory_rejected.inc()
+        if exc.ever:
+            return ApiError(
+                413,
+                "too_large_for_memory",
+                f"this request needs about {exc.wanted // MIB + 1} MB of memory; the memory budget "
+                f"(MEMORY_BUDGET_MB={self.budget.limit // MIB}) leaves {self.budget.capacity // MIB} MB for requests",
+            )
+        return ApiError(
+            503,
+            "over_memory_budget",
+            "the uploads in flight hold this server's memory budget; retry shortly",
+            {"Retry-After": "1"},
+        )
+
+    @asynccontextmanager
+    async def intake(self, content_length: str | None, clips: int) -> AsyncIterator[Intake]:
+        """Admit a request before its body is read: capacity, then its memory reservation
+        (estimated from Content-Length for up to ``clips`` clips). Closes what it opened."""
+        self.check_capacity()
+        length = int(content_length) if content_length and content_length.strip().isdigit() else None
+        try:
+            reservation = self.budget.reservation(self.estimate(length, clips))
+        except OverBudgetError as exc:
+            raise self.over_budget(exc) from None
+        intake = Intake(reservation)
+        self.metrics.memory_reserved.set(self.budget.reserved)
+        try:
+            yield intake
+        finally:
+            await intake.aclose()
+            self.metrics.memory_reserved.set(self.budget.reserved)
 
     @asynccontextmanager
     async def admitted(self, clips: int) -> AsyncIterator[None]:
@@ -184,24 +243,39 @@ class InferenceService:
 
     # the three stages --------------------------------------------------------------------
 
-    def preprocess(self, data: bytes) -> tuple[torch.Tensor, int, int]:
-        """Bytes -> mono waveform at the model's rate, with the duration and silence checks."""
+    def preprocess(self, upload: Upload, intake: Intake) -> tuple[torch.Tensor, int, int]:
+        """A spooled body part -> mono waveform at the model's rate, with the duration and silence
+        checks. Decoding streams and reserves what it keeps as it goes."""
         m = self.require_model()
         s = self.settings
+        reservation = intake.reservation
+        used = kept = 0
+
+        def on_output(n: int) -> None:
+            nonlocal used
+            reservation.use(n)
+            used += n
+
         try:
-            audio = decode(data, max_seconds=s.max_duration_s, downmix=True)
+            upload.file.seek(0)
+            audio = decode_mono(upload.file, m.sample_rate, max_seconds=s.max_duration_s, on_output=on_output)
+            kept = audio.wave.numel() * 4  # the joined copy; the pieces are gone
+        except OverBudgetError as exc:
+            raise self.over_budget(exc) from None
         except AudioTooLongError:
             raise ApiError(413, "audio_too_long", f"audio is longer than the limit of {s.max_duration_s:g} s") from None
         except AudioError as exc:
             raise ApiError(415, "undecodable_audio", str(exc)) from None
-        channels, rate = audio.num_channels, audio.sample_rate
+        finally:
+            reservation.free(used - kept)
+            intake.decoded()
         if audio.duration_s < s.min_duration_s:
             raise ApiError(
                 422, "audio_too_short", f"{audio.duration_s:.3f} s of audio; at least {s.min_duration_s:g} s is needed"
             )
-        if float(np.abs(audio.samples).max()) < s.silence_peak:
+        if audio.peak < s.silence_peak:
             raise ApiError(422, "silent_audio", "the audio is silent")
-        return m.prepare(audio), rate, channels
+        return audio.wave, audio.source_rate, audio.source_channels
 
     def _on_batch(self, waits: list[float]) -> None:
         self.metrics.infer_batch.observe(len(waits))
@@ -215,11 +289,11 @@ class InferenceService:
         self.metrics.stage.labels(stage="inference").observe(time.perf_counter() - started)
         return results
 
-    async def analyse(self, data: bytes) -> ClipResult:
+    async def analyse(self, upload: Upload, intake: Intake) -> ClipResult:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            wave, rate, channels = await loop.run_in_executor(self._decode_pool, self.preprocess, data)
+            wave, rate, channels = await loop.run_in_executor(self._decode_pool, self.preprocess, upload, intake)
         except ApiError as exc:
             self.metrics.clips.labels(outcome=exc.code).inc()
             raise

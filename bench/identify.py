@@ -75,7 +75,9 @@ def measure(n: int, calls: int, clip: bytes, weights: model.EmbeddingModel) -> d
     with tempfile.TemporaryDirectory(prefix="bench-identify-") as tmp:
         fill_s = fill(Path(tmp), n, Model(m.name, m.version, m.sha256), m.embedding_size)
         server = Server(
-            f"identify-{n}", [sys.executable, "-m", "app"], {"LOG_LEVEL": "WARNING", "DATA_DIR": tmp, "TRIM_MEMORY": "false"}
+            f"identify-{n}",
+            [sys.executable, "-m", "app"],
+            {"LOG_LEVEL": "WARNING", "DATA_DIR": tmp, "TRIM_MEMORY": "false"},
         )
         try:
             server.wait_ready("/readyz")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import logging
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -12,8 +14,10 @@ from typing import BinaryIO
 import av
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchaudio.functional as AF
 from torch import Tensor
+from torchaudio.functional.functional import _get_sinc_resample_kernel
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +81,8 @@ def _short(exc: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
-def _decode_container(container: av.container.InputContainer, max_seconds: float | None, downmix: bool) -> Audio:
+def _audio_stream(container: av.container.InputContainer) -> tuple[av.audio.stream.AudioStream, int]:
+    """The first audio stream and its channel count, within the limits we accept."""
     if not container.streams.audio:
         raise AudioError("no audio stream in input")
     stream = container.streams.audio[0]
@@ -89,6 +94,11 @@ def _decode_container(container: av.container.InputContainer, max_seconds: float
         raise AudioError(f"{channels} channels; at most {MAX_CHANNELS} are accepted")
     if rate > MAX_SAMPLE_RATE:
         raise AudioError(f"sample rate {rate} Hz; at most {MAX_SAMPLE_RATE} is accepted")
+    return stream, channels
+
+
+def _decode_container(container: av.container.InputContainer, max_seconds: float | None, downmix: bool) -> Audio:
+    stream, channels = _audio_stream(container)
     # Planar float32 at the stream's own rate and layout: (channels, n) per frame.
     resampler = av.AudioResampler(format="fltp")
     chunks: list[np.ndarray] = []
@@ -131,6 +141,176 @@ def resample(wave: Tensor, orig_rate: int, new_rate: int) -> Tensor:
     if orig_rate == new_rate:
         return wave
     return AF.resample(wave, orig_rate, new_rate)
+
+
+RESAMPLE_BLOCK_S = 1.0  # input gathered before each resampling step
+
+
+class StreamingResampler:
+    """torchaudio's windowed-sinc resampler (``torchaudio.functional.resample`` with its defaults)
+    applied piece by piece: feeding a waveform in any pieces gives the samples of resampling it
+    whole (to float rounding), while holding only a kernel's width of input between pieces."""
+
+    def __init__(self, orig_rate: int, new_rate: int) -> None:
+        self.identity = orig_rate == new_rate
+        gcd = math.gcd(orig_rate, new_rate)
+        self.orig, self.new = orig_rate // gcd, new_rate // gcd
+        if not self.identity:
+            kernel, self.width = _get_sinc_resample_kernel(orig_rate, new_rate, gcd, dtype=torch.float32)
+            self.kernel = kernel
+            self._pending = torch.zeros(self.width)  # the left padding torchaudio adds
+        self.block_steps = max(1, math.ceil(orig_rate * RESAMPLE_BLOCK_S / self.orig))  # about a second of input
+        self.consumed = 0  # input samples fed
+        self.produced = 0  # output samples returned
+
+    def _run(self, padded: Tensor, steps: int) -> Tensor:
+        """The outputs of ``steps`` kernel positions over the start of ``padded``."""
+        used = padded[: (steps - 1) * self.orig + self.kernel.shape[-1]]
+        out = F.conv1d(used[None, None], self.kernel, stride=self.orig)  # (1, new, steps)
+        return out[0].transpose(0, 1).reshape(-1)
+
+    def _steps(self, n: int) -> int:
+        """How many kernel positions ``n`` padded input samples fully cover."""
+        size = self.kernel.shape[-1]
+        return (n - size) // self.orig + 1 if n >= size else 0
+
+    def push(self, wave: Tensor) -> Tensor:
+        """Resample what ``wave`` completes. Runs in blocks of a fixed ``block_steps`` positions, so
+        oneDNN compiles one convolution per rate, not one per piece size (its cache is shared with
+        the network)."""
+        self.consumed += wave.numel()
+        if self.identity:
+            self.produced += wave.numel()
+            return wave
+        pending = torch.cat([self._pending, wave])
+        outs, start = [], 0
+        while self._steps(pending.numel() - start) >= self.block_steps:
+            outs.append(self._run(pending[start:], self.block_steps))
+            start += self.block_steps * self.orig
+        self._pending = pending[start:]  # a view: holds at most one block of input
+        out = torch.cat(outs) if outs else torch.empty(0)
+        self.produced += out.numel()
+        return out
+
+    def finish(self) -> Tensor:
+        """The last samples (torchaudio's right padding), trimmed to torchaudio's output length."""
+        if self.identity:
+            return torch.empty(0)
+        padded = torch.cat([self._pending, torch.zeros(self.width + self.orig)])
+        steps = self._steps(padded.numel())
+        out = self._run(padded, steps) if steps > 0 else torch.empty(0)
+        target = math.ceil(self.new * self.consumed / self.orig)
+        out = out[: max(0, target - self.produced)]
+        self.produced += out.numel()
+        return out
+
+
+@dataclass(frozen=True)
+class MonoAudio:
+    """A decoded clip, already mono at the rate asked for, with what was learnt on the way."""
+
+    wave: Tensor  # (samples,) float32 at ``sample_rate``
+    sample_rate: int
+    source_rate: int
+    source_channels: int
+    duration_s: float  # of the source, at its own rate
+    peak: float  # largest absolute sample of the downmixed source
+
+
+def decode_mono(
+    source: bytes | str | Path | BinaryIO,
+    sample_rate: int,
+    max_seconds: float | None = None,
+    on_output: Callable[[int], None] | None = None,
+) -> MonoAudio:
+    """Decode, downmix and resample as the packets come: the same samples as
+    ``to_mono(decode(source, downmix=True), sample_rate)`` (to float rounding), but the source's
+    own rate and channels are never held whole: at most about a second of them, plus the output.
+
+    ``on_output(n)`` is called with the bytes of output about to be kept, before keeping them (and
+    once more for the copy that joins the pieces at the end); it may raise to stop decoding, which
+    is how a caller bounds the memory one clip may take."""
+    if isinstance(source, bytes):
+        if not source:
+            raise AudioError("empty input")
+        source = io.BytesIO(source)
+    try:
+        src = source if not isinstance(source, Path) else str(source)
+        with av.open(src, mode="r", options=DEMUX_OPTIONS) as container:
+            return _decode_mono(container, sample_rate, max_seconds, on_output or (lambda n: None))
+    except AudioError:
+        raise
+    except (av.FFmpegError, OSError, ValueError, IndexError, EOFError, UnicodeDecodeError) as exc:
+        raise AudioError(f"cannot decode audio: {_short(exc)}") from None
+
+
+def _decode_mono(
+    container: av.container.InputContainer,
+    sample_rate: int,
+    max_seconds: float | None,
+    on_output: Callable[[int], None],
+) -> MonoAudio:
+    stream, channels = _audio_stream(container)
+    converter = av.AudioResampler(format="fltp")  # planar float32, the stream's own rate and layout
+    resampler: StreamingResampler | None = None
+    source_rate = 0
+    limit: int | None = None
+    block: list[np.ndarray] = []
+    block_samples = total = 0
+    width = 0
+    peak = 0.0
+    pieces: list[Tensor] = []
+
+    def keep(out: Tensor) -> None:
+        if out.numel():
+            on_output(out.numel() * 4)
+            pieces.append(out)
+
+    def flush() -> None:
+        nonlocal block_samples, peak
+        if not block:
+            return
+        mono = np.concatenate(block)
+        block.clear()
+        block_samples = 0
+        if not np.isfinite(mono).all():
+            raise AudioError("audio contains NaN or infinite samples")
+        peak = max(peak, float(np.abs(mono).max()))
+        assert resampler is not None
+        keep(resampler.push(torch.from_numpy(mono)))
+
+    def take(frames: list[av.AudioFrame]) -> None:
+        nonlocal source_rate, limit, resampler, total, block_samples, width
+        for out in frames:
+            if not source_rate:
+                source_rate = out.sample_rate
+                resampler = StreamingResampler(source_rate, sample_rate)
+                if max_seconds is not None:
+                    limit = int(max_seconds * source_rate)
+            arr = out.to_ndarray()
+            if width and arr.shape[0] != width:
+                raise AudioError("channel count changes mid-stream")
+            width = arr.shape[0]
+            mono = arr.mean(axis=0) if arr.shape[0] > 1 else arr[0]
+            block.append(np.ascontiguousarray(mono, dtype=np.float32))
+            block_samples += mono.shape[0]
+            total += mono.shape[0]
+            if limit is not None and total > limit:
+                raise AudioTooLongError(f"audio longer than the limit of {max_seconds:g} s")
+            if block_samples >= RESAMPLE_BLOCK_S * source_rate:
+                flush()
+
+    for frame in container.decode(stream):
+        take(converter.resample(frame))
+    take(converter.resample(None))
+    if not total or resampler is None:
+        raise AudioError("no audio samples decoded")
+    flush()
+    keep(resampler.finish())
+    on_output(resampler.produced * 4)  # joining the pieces copies them once
+    wave = torch.cat(pieces) if len(pieces) != 1 else pieces[0]
+    pieces.clear()
+    return MonoAudio(wave, sample_rate, source_rate, channels, total / source_rate, peak)
 
 
 # FFmpeg encoder -> the container it usually travels in.

@@ -14,7 +14,7 @@ from app.deps import ServiceDep, SettingsDep
 from app.errors import ApiError, bad_request
 from app.schemas import BatchResponse, ClassifyResponse, EmbedResponse, ErrorResponse, VerifyResponse
 from app.service import ClipResult, InferenceService
-from app.uploads import Upload, media_type, read_audio, read_form_files
+from app.uploads import Intake, Upload, media_type, read_audio, read_form_files
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["inference"])
@@ -97,20 +97,36 @@ def classify_result(service: InferenceService, clip: ClipResult, top_k: int, inc
     }
 
 
-async def single(request: Request, service: InferenceService, max_files: int) -> ClipResult:
+def content_length(request: Request) -> str | None:
+    return request.headers.get("content-length")
+
+
+async def single(
+    request: Request, service: InferenceService, max_files: int, multipart_only: bool = False
+) -> ClipResult:
+    """One clip: a 'file' part or (unless ``multipart_only``) the raw body, admitted, decoded, inferred."""
     service.require_model()
-    service.check_capacity()
-    uploads = await read_audio(request, max_files)
-    if len(uploads) > 1:
-        raise bad_request(f"{len(uploads)} files sent to a single-clip endpoint; use {request.url.path}/batch")
-    async with service.admitted(1):
-        return await service.analyse(uploads[0].data)
+    async with service.intake(content_length(request), 1) as intake:
+        if multipart_only:
+            require_multipart(request, "a 'file' part")
+            uploads = (await read_form_files(request, intake, ["file"], max_files))["file"]
+            if len(uploads) != 1:
+                raise ApiError(422, "invalid_parameters", f"send exactly one 'file' part (got {len(uploads)})")
+        else:
+            uploads = await read_audio(request, intake, max_files)
+            if len(uploads) > 1:
+                raise bad_request(f"{len(uploads)} files sent to a single-clip endpoint; use {request.url.path}/batch")
+        intake.expect(1)
+        async with service.admitted(1):
+            return await service.analyse(uploads[0], intake)
 
 
-async def batch(service: InferenceService, uploads: list[Upload]) -> list[ClipResult | ApiError]:
+async def batch(service: InferenceService, intake: Intake, uploads: list[Upload]) -> list[ClipResult | ApiError]:
+    intake.expect(len(uploads))
+
     async def one(upload: Upload) -> ClipResult | ApiError:
         try:
-            return await service.analyse(upload.data)
+            return await service.analyse(upload, intake)
         except ApiError as exc:
             return exc
 
@@ -210,17 +226,17 @@ async def run_batch(
 ) -> dict[str, Any]:
     """Read repeated 'file' parts, analyse them together, answer in upload order."""
     service.require_model()
-    service.check_capacity()
-    require_multipart(request, "repeated 'file' parts")
-    uploads = (await read_form_files(request, ["file"], max_files))["file"]
-    if not uploads:
-        raise bad_request("multipart body has no 'file' parts")
-    return batch_response(service, uploads, await batch(service, uploads), format_one)
+    async with service.intake(content_length(request), max_files) as intake:
+        require_multipart(request, "repeated 'file' parts")
+        uploads = (await read_form_files(request, intake, ["file"], max_files))["file"]
+        if not uploads:
+            raise bad_request("multipart body has no 'file' parts")
+        return batch_response(service, uploads, await batch(service, intake, uploads), format_one)
 
 
-async def analyse_named(service: InferenceService, name: str, upload: Upload) -> ClipResult:
+async def analyse_named(service: InferenceService, intake: Intake, name: str, upload: Upload) -> ClipResult:
     try:
-        return await service.analyse(upload.data)
+        return await service.analyse(upload, intake)
     except ApiError as exc:
         raise ApiError(exc.status, exc.code, f"{name}: {exc.message}", exc.headers) from None
 
@@ -241,17 +257,18 @@ async def verify(
     ] = None,
 ) -> Any:
     service.require_model()
-    service.check_capacity()
-    require_multipart(request, "file parts 'a' and 'b'")
-    found = await read_form_files(request, ["a", "b"], 2)
-    for name in ("a", "b"):
-        if len(found[name]) != 1:
-            raise bad_request(f"send exactly one file part named {name!r} (got {len(found[name])})")
-    chosen = threshold if threshold is not None else service.threshold
-    if chosen is None:
-        raise ApiError(422, "invalid_parameters", "these weights have no calibrated threshold; pass ?threshold=")
-    async with service.admitted(2):
-        a, b = await asyncio.gather(*(analyse_named(service, name, found[name][0]) for name in ("a", "b")))
+    async with service.intake(content_length(request), 2) as intake:
+        require_multipart(request, "file parts 'a' and 'b'")
+        found = await read_form_files(request, intake, ["a", "b"], 2)
+        for name in ("a", "b"):
+            if len(found[name]) != 1:
+                raise bad_request(f"send exactly one file part named {name!r} (got {len(found[name])})")
+        chosen = threshold if threshold is not None else service.threshold
+        if chosen is None:
+            raise ApiError(422, "invalid_parameters", "these weights have no calibrated threshold; pass ?threshold=")
+        intake.expect(2)
+        async with service.admitted(2):
+            a, b = await asyncio.gather(*(analyse_named(service, intake, n, found[n][0]) for n in ("a", "b")))
     score = float(np.dot(l2_normalize(a.embedding), l2_normalize(b.embedding)))
     return {
         "score": score,

@@ -19,11 +19,11 @@ from starlette.concurrency import run_in_threadpool
 from app.config import Settings
 from app.deps import ServiceDep, SettingsDep
 from app.errors import ApiError
-from app.routes.inference import BINARY, ERRORS, l2_normalize, require_multipart
+from app.routes.inference import BINARY, ERRORS, content_length, l2_normalize, require_multipart, single
 from app.schemas import ErrorResponse, IdentifyResponse, SpeakerList, SpeakerOut, SpeakerPatch, SpeakerVerifyResponse
 from app.service import ClipResult, InferenceService
 from app.speakers import Model, Profile, SpeakerStore, migrate, open_database
-from app.uploads import Upload, media_type, read_form
+from app.uploads import Intake, Upload, media_type, read_form
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["speakers"])
@@ -147,13 +147,15 @@ def parse_metadata(value: str | None) -> dict[str, Any]:
     return parsed
 
 
-async def embed_clips(service: InferenceService, uploads: list[Upload]) -> tuple[list[np.ndarray], float]:
+async def embed_clips(
+    service: InferenceService, intake: Intake, uploads: list[Upload]
+) -> tuple[list[np.ndarray], float]:
     """Every clip's embedding, or the first failing clip's error with its index; all or nothing."""
     if not uploads:
         raise ApiError(422, "invalid_parameters", "send one or more 'file' parts (the enrolment clips)")
-    service.check_capacity()
+    intake.expect(len(uploads))
     async with service.admitted(len(uploads)):
-        results = await asyncio.gather(*(service.analyse(u.data) for u in uploads), return_exceptions=True)
+        results = await asyncio.gather(*(service.analyse(u, intake) for u in uploads), return_exceptions=True)
     for i, res in enumerate(results):
         if isinstance(res, ApiError):
             raise ApiError(res.status, res.code, f"file {i}: {res.message}", res.headers)
@@ -161,17 +163,6 @@ async def embed_clips(service: InferenceService, uploads: list[Upload]) -> tuple
             raise res
     clips = [r for r in results if isinstance(r, ClipResult)]
     return [c.embedding for c in clips], sum(c.duration_s for c in clips)
-
-
-async def one_clip(request: Request, service: InferenceService, settings: Settings) -> ClipResult:
-    service.require_model()
-    service.check_capacity()
-    require_multipart(request, "a 'file' part")
-    files, _ = await read_form(request, ["file"], [], settings.max_files)
-    if len(files["file"]) != 1:
-        raise ApiError(422, "invalid_parameters", f"send exactly one 'file' part (got {len(files['file'])})")
-    async with service.admitted(1):
-        return await service.analyse(files["file"][0].data)
 
 
 def audio_form(*fields: tuple[str, dict[str, Any]], required: list[str]) -> dict[str, Any]:
@@ -204,12 +195,12 @@ async def enrol(
     include_embedding: IncludeEmbedding = False,
 ) -> Any:
     service.require_model()
-    service.check_capacity()
-    if media_type(request) != "application/x-www-form-urlencoded":  # a form without files: 422 below
-        require_multipart(request, "'name', optional 'metadata' and 'file' parts")
-    files, texts = await read_form(request, ["file"], ["name", "metadata"], settings.max_files)
-    name, metadata = parse_name(texts.get("name")), parse_metadata(texts.get("metadata"))
-    vectors, seconds = await embed_clips(service, files["file"])
+    async with service.intake(content_length(request), settings.max_files) as intake:
+        if media_type(request) != "application/x-www-form-urlencoded":  # a form without files: 422 below
+            require_multipart(request, "'name', optional 'metadata' and 'file' parts")
+        files, texts = await read_form(request, intake, ["file"], ["name", "metadata"], settings.max_files)
+        name, metadata = parse_name(texts.get("name")), parse_metadata(texts.get("metadata"))
+        vectors, seconds = await embed_clips(service, intake, files["file"])
     namespace, model = namespace_of(request, settings), current_model(service)
     profile = await in_store(speakers, lambda s: s.create(namespace, name, metadata, vectors, seconds, model))
     log.info("enrolled speaker %s from %d clips", profile.id, profile.clips)
@@ -235,10 +226,10 @@ async def add_clips(
     service.require_model()
     namespace, model = namespace_of(request, settings), current_model(service)
     await profile_or_404(speakers, namespace, speaker_id)
-    service.check_capacity()
-    require_multipart(request, "'file' parts")
-    files, _ = await read_form(request, ["file"], [], settings.max_files)
-    vectors, seconds = await embed_clips(service, files["file"])
+    async with service.intake(content_length(request), settings.max_files) as intake:
+        require_multipart(request, "'file' parts")
+        files, _ = await read_form(request, intake, ["file"], [], settings.max_files)
+        vectors, seconds = await embed_clips(service, intake, files["file"])
     try:
         profile = await in_store(speakers, lambda s: s.add_clips(namespace, speaker_id, vectors, seconds, model))
     except KeyError:
@@ -356,7 +347,7 @@ async def verify_speaker(
     if profile.model_sha256 != service.model_ref()["sha256"]:
         raise stale(speaker_id)
     threshold = require_threshold(service)
-    clip = await one_clip(request, service, settings)
+    clip = await single(request, service, settings.max_files, multipart_only=True)
     score = float(np.dot(profile.voiceprint, l2_normalize(clip.embedding)))
     return {
         "speaker": {"id": profile.id, "name": profile.name},
@@ -389,7 +380,7 @@ async def identify(
 ) -> Any:
     service.require_model()
     threshold = require_threshold(service)
-    clip = await one_clip(request, service, settings)
+    clip = await single(request, service, settings.max_files, multipart_only=True)
     namespace, sha = namespace_of(request, settings), service.model_ref()["sha256"]
     started = time.perf_counter()
     index = await in_store(speakers, lambda s: s.index(namespace, sha))
