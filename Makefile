@@ -87,8 +87,9 @@ bench: $(STAMP) system-deps ## service vs model-only, naive baseline and hardwar
 	$(PY) -m bench.run
 	$(PY) -m bench.identify
 
-soak: $(STAMP) system-deps ## RSS after 5,000 requests of mixed lengths vs after warm-up
+soak: $(STAMP) system-deps ## RSS after 5,000 requests of mixed lengths; then 32 concurrent 100 MiB uploads in a 2000 MB budget
 	$(PY) -m bench.soak
+	$(PY) -m bench.soak_large
 
 image: ## build the Dockerfile with buildah, start it, check user, health and /embed (root)
 	deploy/build-image.sh

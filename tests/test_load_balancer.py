@@ -24,7 +24,9 @@ CLIENTS = 3
 
 def nginx_config(tmp: Path, ports: list[int], listen: int) -> Path:
     site = (ROOT / "deploy" / "nginx" / "voice-embed.conf").read_text()
-    servers = "\n".join(f"    server 127.0.0.1:{p} max_fails=1 fail_timeout=5s;" for p in ports)
+    params = re.search(r"^    server app1:8000 ([^;]*);", site, re.MULTILINE)
+    assert params, "deploy/nginx/voice-embed.conf: no 'server app1:8000 ...;' line"
+    servers = "\n".join(f"    server 127.0.0.1:{p} {params.group(1)};" for p in ports)
     site = re.sub(r"(upstream voice_embed \{\n    zone [^\n]*\n)(?:    server [^\n]*\n)+", rf"\g<1>{servers}\n", site)
     site = site.replace("listen 8080;", f"listen 127.0.0.1:{listen};")
     conf = tmp / "nginx.conf"
@@ -138,12 +140,17 @@ def test_replica_killed_and_terminated_under_load_loses_no_request(tmp_path, ngi
         assert len(outcomes) > 30
         assert not failures, f"{len(failures)} of {len(outcomes)} failed: {failures[:5]}"
         assert replicas[1].proc.wait(timeout=60) == 0  # the SIGTERMed replica drained and exited cleanly
-        # the restarted replica takes traffic again
+        # The restarted replica takes traffic again. nginx marks a replica unavailable for
+        # fail_timeout after a failed attempt (it refused connections until its model was loaded),
+        # then tries it with a live request: keep sending, with a bound, until it has served one.
         before = served_embeds(restarted.url)
+        deadline = time.monotonic() + 60
+        sent = 0
         with httpx.Client(base_url=url, timeout=60) as c:
-            for _ in range(12):
+            while served_embeds(restarted.url) == before:
+                assert time.monotonic() < deadline, f"nginx did not take the restarted replica back ({sent} requests)"
                 assert c.post("/embed", content=clip, headers={"Content-Type": "audio/wav"}).status_code == 200
-        assert served_embeds(restarted.url) > before
+                sent += 1
     finally:
         if nginx is not None:
             nginx.terminate()
