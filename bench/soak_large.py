@@ -78,12 +78,45 @@ def make_clips(out: Path) -> list[Path]:
     return paths
 
 
-async def upload(http: httpx.AsyncClient, url: str, body: bytes, kind: str) -> tuple[int, float, str | None, Any]:
-    started = time.perf_counter()
-    r = await http.post(url + "/embed", content=body, headers={"Content-Type": kind})
-    elapsed = time.perf_counter() - started
-    payload = r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
-    return r.status_code, elapsed, r.headers.get("retry-after"), payload
+async def read_head(reader: asyncio.StreamReader) -> bytes:
+    """The header lines after a status line, up to the empty line that ends them."""
+    lines = []
+    while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+        lines.append(line)
+    return b"".join(lines)
+
+
+async def upload(url: str, body: bytes, kind: str) -> tuple[int, float, str | None, Any]:
+    """POST /embed as curl does with a large body: ``Expect: 100-continue``, and the body only
+    after the server's ``100 Continue``. A server that refuses the upload answers at once, before
+    the body is sent; the time is until the final answer's status line."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        started = time.perf_counter()
+        writer.write(
+            f"POST /embed HTTP/1.1\r\nHost: {host}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
+            "Expect: 100-continue\r\nConnection: close\r\n\r\n".encode()
+        )
+        await writer.drain()
+        status = int((await reader.readline()).split()[1])
+        head = await read_head(reader)
+        if status == 100:
+            for at in range(0, len(body), 1 << 20):
+                writer.write(body[at : at + (1 << 20)])
+                await writer.drain()
+            status = int((await reader.readline()).split()[1])
+            head = await read_head(reader)
+        elapsed = time.perf_counter() - started
+        headers = {}
+        for line in head.decode("latin-1").splitlines():
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        raw = await reader.readexactly(int(headers.get("content-length", "0")))
+    finally:
+        writer.close()
+    payload = json.loads(raw) if headers.get("content-type", "").startswith("application/json") else raw
+    return status, elapsed, headers.get("retry-after"), payload
 
 
 KINDS = {".wav": "audio/wav", ".flac": "audio/flac", ".mp3": "audio/mpeg"}
@@ -94,10 +127,10 @@ async def load(
 ) -> dict:
     attempts: list[dict[str, Any]] = []
 
-    async def one(k: int, http: httpx.AsyncClient) -> None:
+    async def one(k: int) -> None:
         name, body, kind = bodies[k % len(bodies)]
         for _ in range(200):
-            status, elapsed, retry_after, payload = await upload(http, url, body, kind)
+            status, elapsed, retry_after, payload = await upload(url, body, kind)
             row: dict[str, Any] = {"upload": k, "clip": name, "status": status, "s": round(elapsed, 3)}
             if status == 503:
                 row["retry_after"] = retry_after
@@ -114,9 +147,7 @@ async def load(
                 return
             await asyncio.sleep(float(retry_after or 1))
 
-    limits = httpx.Limits(max_connections=uploads)
-    async with httpx.AsyncClient(timeout=1800, limits=limits) as http:
-        await asyncio.gather(*(one(k, http) for k in range(uploads)))
+    await asyncio.gather(*(one(k) for k in range(uploads)))
     return {"attempts": attempts}
 
 
