@@ -106,13 +106,16 @@ def test_classify_contract(client):
 
 def test_classify_says_when_the_voice_is_none_of_the_classes(client):
     """A voice outside the 9 still gets the nearest label, and 'known': false says it is none of them."""
-    outside = []
-    for label in OPEN_TEST_VOICES[:4]:
-        body = post_file(client, "/classify", wav_bytes(voice_speech(label))).json()
-        assert body["label"] in LABELS
-        assert body["known"] is False, (label, body["known_score"], body["known_threshold"])
-        assert body["known_score"] < body["known_threshold"]
-        outside.append(body["known_score"])
+    outside, flagged = [], 0
+    for label in OPEN_TEST_VOICES[:8]:  # voices never trained on, two fresh sentences each
+        for sentence in (0, 1):
+            body = post_file(client, "/classify", wav_bytes(voice_speech(label, sentence))).json()
+            assert body["label"] in LABELS
+            assert body["known"] == (body["known_score"] >= body["known_threshold"])
+            flagged += body["known"] is False
+            outside.append(body["known_score"])
+    # The shipped weights flag 86 % of the open-set test clips (README); most of these must be.
+    assert flagged >= 0.75 * len(outside), (flagged, outside)
     inside = []
     for label in range(9):  # the 9 voices, saying sentences they never trained on, score higher
         body = post_file(client, "/classify", wav_bytes(speech(label, 1))).json()
