@@ -39,13 +39,6 @@ MAX_BODY = 100 * 1024 * 1024
 RATE, CHANNELS = 48000, 2
 
 
-def hwm_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def make_clips(out: Path) -> list[Path]:
     """The three long clips, from the bench's speech looped (with a slow level change, so no two
     windows are the same)."""
@@ -187,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - started
         time.sleep(2.0)  # the worker's idle housekeeping hands memory back once the queue is empty
         after = rss_mb(server.proc.pid)
-        peak = hwm_mb(server.proc.pid)
+        peak = rss_mb(server.proc.pid, "VmHWM")
         stop.set()
         sampler.join()
     finally:

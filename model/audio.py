@@ -9,7 +9,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import av
 import numpy as np
@@ -20,6 +20,7 @@ from torch import Tensor
 from torchaudio.functional.functional import _get_sinc_resample_kernel
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class AudioError(ValueError):
@@ -62,6 +63,11 @@ def decode(source: bytes | str | Path | BinaryIO, max_seconds: float | None = No
     averages the channels frame by frame, so an oversized or many-channel upload costs no more
     than that much work and memory.
     """
+    return _with_container(source, lambda container: _decode_container(container, max_seconds, downmix))
+
+
+def _with_container(source: bytes | str | Path | BinaryIO, run: Callable[[av.container.InputContainer], T]) -> T:
+    """Open ``source`` with FFmpeg and ``run`` on it; any decoding failure is an AudioError."""
     if isinstance(source, bytes):
         if not source:
             raise AudioError("empty input")
@@ -69,7 +75,7 @@ def decode(source: bytes | str | Path | BinaryIO, max_seconds: float | None = No
     try:
         src = source if not isinstance(source, Path) else str(source)
         with av.open(src, mode="r", options=DEMUX_OPTIONS) as container:
-            return _decode_container(container, max_seconds, downmix)
+            return run(container)
     except AudioError:
         raise
     except (av.FFmpegError, OSError, ValueError, IndexError, EOFError, UnicodeDecodeError) as exc:
@@ -230,18 +236,8 @@ def decode_mono(
     ``on_output(n)`` is called with the bytes of output about to be kept, before keeping them (and
     once more for the copy that joins the pieces at the end); it may raise to stop decoding, which
     is how a caller bounds the memory one clip may take."""
-    if isinstance(source, bytes):
-        if not source:
-            raise AudioError("empty input")
-        source = io.BytesIO(source)
-    try:
-        src = source if not isinstance(source, Path) else str(source)
-        with av.open(src, mode="r", options=DEMUX_OPTIONS) as container:
-            return _decode_mono(container, sample_rate, max_seconds, on_output or (lambda n: None))
-    except AudioError:
-        raise
-    except (av.FFmpegError, OSError, ValueError, IndexError, EOFError, UnicodeDecodeError) as exc:
-        raise AudioError(f"cannot decode audio: {_short(exc)}") from None
+    report = on_output or (lambda n: None)
+    return _with_container(source, lambda container: _decode_mono(container, sample_rate, max_seconds, report))
 
 
 def _decode_mono(
