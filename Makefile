@@ -19,8 +19,8 @@ EPOCHS ?= 7
 STEPS ?= 100
 # TRAIN_ARGS=--resume continues $(RUN)/checkpoint.pt; TRAIN_ARGS="--stop-after N" ends after N epochs
 TRAIN_ARGS ?=
-SYSTEM_PACKAGES := flite festival festvox-kdlpc16k espeak-ng sox ffmpeg nginx postgresql
-SYSTEM_COMMANDS := flite festival espeak-ng sox ffmpeg nginx
+SYSTEM_PACKAGES := flite festival festvox-kdlpc16k espeak-ng sox ffmpeg nginx postgresql chromium
+SYSTEM_COMMANDS := flite festival espeak-ng sox ffmpeg nginx chromium
 # festival's other-language voices, for the many-voice corpus only (model/training/voices.py)
 CORPUS_PACKAGES := festvox-ru festvox-suopuhe-lj festvox-suopuhe-mv festvox-czech-dita festvox-czech-machac \
 	festvox-czech-krb festvox-czech-ph festvox-ca-ona-hts
@@ -39,7 +39,7 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## create or update .venv/ from pyproject.toml
 
-system-deps: ## apt-get the speech synthesisers, sox, ffmpeg, nginx and PostgreSQL (for tests) when missing
+system-deps: ## apt-get the speech synthesisers, sox, ffmpeg, nginx, PostgreSQL and Chromium (for tests) when missing
 	@missing=""; for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
 	dpkg -s festvox-kdlpc16k >/dev/null 2>&1 || missing="$$missing festvox-kdlpc16k"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
@@ -59,9 +59,9 @@ test: $(STAMP) system-deps ## run the whole test suite
 	$(PY) -m pytest
 
 lint: $(STAMP) ## ruff and mypy
-	$(VENV)/bin/ruff check model app bench tests
-	$(VENV)/bin/ruff format --check model app bench
-	$(VENV)/bin/mypy model app bench
+	$(VENV)/bin/ruff check model app bench tests client
+	$(VENV)/bin/ruff format --check model app bench client
+	$(VENV)/bin/mypy model app bench client
 
 serve: $(STAMP) ## start the service on the shipped weights (PORT=8000)
 	WEIGHTS_DIR=$(WEIGHTS_DIR) HOST=$(HOST) PORT=$(PORT) $(PY) -m app

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI
-from fastapi.responses import Response
+from fastapi.responses import FileResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
@@ -27,6 +28,7 @@ from app.routes import health, inference, speakers
 from app.service import InferenceService
 
 log = logging.getLogger(__name__)
+STATIC = Path(__file__).resolve().parent / "static"
 
 
 class JsonFormatter(logging.Formatter):
@@ -129,6 +131,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(inference.router)
     app.include_router(speakers.router)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        """The try-it page: record or choose a clip, classify, compare, enrol, identify."""
+        return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:

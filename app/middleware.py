@@ -101,17 +101,19 @@ async def reply(send: Send, status: int, code: str, text: str, extra: list[tuple
 
 
 class ApiKeyAuth:
-    """When keys are configured, every path but the probes and /metrics needs ``Authorization:
-    Bearer <key>``; keys are compared in constant time."""
+    """When keys are configured, every path but the probes, /metrics and the try-it page (``/``
+    and ``/static/``, which hold no data: the page asks for a key and sends it with each call)
+    needs ``Authorization: Bearer <key>``; keys are compared in constant time."""
 
-    OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+    OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/"})
 
     def __init__(self, app: ASGIApp, keys: list[str]) -> None:
         self.app = app
         self.keys = [k.encode() for k in keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope.get("path") in self.OPEN_PATHS:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not self.keys or path in self.OPEN_PATHS or path.startswith("/static/"):
             await self.app(scope, receive, send)
             return
         header = dict(scope["headers"]).get(b"authorization", b"")

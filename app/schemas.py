@@ -72,6 +72,20 @@ class VerifyResponse(BaseModel):
     model: ModelRef
 
 
+class SpectrogramResponse(BaseModel):
+    n_mels: int
+    frames: int
+    hop_s: float = Field(description="seconds between frames")
+    seconds: float = Field(description="audio the frames cover: the first window of the clip")
+    duration_s: float = Field(description="the whole clip")
+    low: float = Field(description="the log-mel value drawn as 0")
+    high: float = Field(description="the log-mel value drawn as 255")
+    values: str = Field(
+        description="base64 of n_mels x frames bytes, row by row from the lowest mel band; "
+        "byte v stands for low + v / 255 * (high - low)"
+    )
+
+
 class SpeakerOut(BaseModel):
     id: str
     name: str

@@ -47,6 +47,15 @@ class ClipResult:
     known: bool | None = None
 
 
+@dataclass
+class Spectrogram:
+    values: np.ndarray  # (n_mels, frames) uint8, low mel bands first; 0..255 spans low..high
+    low: float  # log-mel value of 0
+    high: float  # log-mel value of 255
+    hop_s: float
+    duration_s: float  # of the whole clip (the values cover its first window)
+
+
 class InferenceService:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
@@ -288,6 +297,23 @@ class InferenceService:
         results = self.require_model().infer_many(waves, self.settings.window_s, self.settings.batch_windows)
         self.metrics.stage.labels(stage="inference").observe(time.perf_counter() - started)
         return results
+
+    async def spectrogram(self, upload: Upload, intake: Intake) -> Spectrogram:
+        """The features of a clip's first window, scaled to 0..255 for display (no network pass)."""
+        loop = asyncio.get_running_loop()
+        wave, _, _ = await loop.run_in_executor(self._decode_pool, self.preprocess, upload, intake)
+        m = self.require_model()
+        feats = (await loop.run_in_executor(self._decode_pool, m.spectrogram, wave, self.settings.window_s)).numpy()
+        lo, hi = float(feats.min()), float(feats.max())
+        scaled = np.round((feats - lo) / max(hi - lo, 1e-9) * 255).astype(np.uint8)
+        features = m.manifest.features
+        return Spectrogram(
+            values=scaled,
+            low=lo,
+            high=hi,
+            hop_s=features.hop_length / features.sample_rate,
+            duration_s=wave.numel() / m.sample_rate,
+        )
 
     async def analyse(self, upload: Upload, intake: Intake) -> ClipResult:
         loop = asyncio.get_running_loop()

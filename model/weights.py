@@ -407,6 +407,11 @@ class EmbeddingModel:
         return wave[: n * length].reshape(n, length)
 
     @torch.inference_mode()
+    def spectrogram(self, wave: Tensor, window_s: float = 20.0) -> Tensor:
+        """The log-mel features the network sees for a clip's first window: ``(n_mels, frames)``."""
+        return self.features(self.windows(wave, window_s)[0])[0, 0]
+
+    @torch.inference_mode()
     def infer_many(self, waves: list[Tensor], window_s: float = 20.0, batch_windows: int = 4) -> list[Inference]:
         """Clips at the model's rate -> per clip, logits and embedding averaged over its windows.
 

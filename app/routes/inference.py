@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
-from collections.abc import Callable
-from typing import Annotated, Any
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Query, Request
 
 from app.deps import ServiceDep, SettingsDep
 from app.errors import ApiError, bad_request
-from app.schemas import BatchResponse, ClassifyResponse, EmbedResponse, ErrorResponse, VerifyResponse
+from app.schemas import (
+    BatchResponse,
+    ClassifyResponse,
+    EmbedResponse,
+    ErrorResponse,
+    SpectrogramResponse,
+    VerifyResponse,
+)
 from app.service import ClipResult, InferenceService
 from app.uploads import Intake, Upload, media_type, read_audio, read_form_files
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 router = APIRouter(tags=["inference"])
 
 BINARY = {"type": "string", "format": "binary"}
@@ -105,6 +114,17 @@ async def single(
     request: Request, service: InferenceService, max_files: int, multipart_only: bool = False
 ) -> ClipResult:
     """One clip: a 'file' part or (unless ``multipart_only``) the raw body, admitted, decoded, inferred."""
+    return await one_clip(request, service, max_files, service.analyse, multipart_only)
+
+
+async def one_clip(
+    request: Request,
+    service: InferenceService,
+    max_files: int,
+    work: Callable[[Upload, Intake], Awaitable[T]],
+    multipart_only: bool = False,
+) -> T:
+    """One clip, admitted and handed to ``work`` (decode and infer, or decode and draw)."""
     service.require_model()
     async with service.intake(content_length(request), 1) as intake:
         if multipart_only:
@@ -118,7 +138,7 @@ async def single(
                 raise bad_request(f"{len(uploads)} files sent to a single-clip endpoint; use {request.url.path}/batch")
         intake.expect(1)
         async with service.admitted(1):
-            return await service.analyse(uploads[0], intake)
+            return await work(uploads[0], intake)
 
 
 async def batch(service: InferenceService, intake: Intake, uploads: list[Upload]) -> list[ClipResult | ApiError]:
@@ -276,4 +296,26 @@ async def verify(
         "threshold": chosen,
         "duration_s": {"a": round(a.duration_s, 4), "b": round(b.duration_s, 4)},
         "model": service.model_ref(),
+    }
+
+
+@router.post(
+    "/spectrogram",
+    response_model=SpectrogramResponse,
+    summary="the log-mel spectrogram the network sees (the clip's first window), for display",
+    openapi_extra=audio_body(["file"]),
+    responses=ERRORS,
+)
+async def spectrogram(request: Request, service: ServiceDep, settings: SettingsDep) -> Any:
+    spec = await one_clip(request, service, settings.max_files, service.spectrogram)
+    n_mels, frames = spec.values.shape
+    return {
+        "n_mels": n_mels,
+        "frames": frames,
+        "hop_s": spec.hop_s,
+        "seconds": round(frames * spec.hop_s, 4),
+        "duration_s": round(spec.duration_s, 4),
+        "low": spec.low,
+        "high": spec.high,
+        "values": base64.b64encode(spec.values.tobytes()).decode(),
     }

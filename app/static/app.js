@@ -1,0 +1,316 @@
+// The try-it page: plain JavaScript against the service's own API (no build step, no CDN).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let apiKey = "";
+let threshold = null;
+
+function headers() {
+  return apiKey ? { Authorization: "Bearer " + apiKey } : {};
+}
+
+function showError(message) {
+  const box = $("error");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+// Calls the API; resolves to the JSON answer, or throws an Error carrying the service's message.
+async function call(method, path, body) {
+  let response;
+  try {
+    response = await fetch(path, { method, body, headers: headers() });
+  } catch (e) {
+    throw new Error("The service could not be reached (" + e.message + ").");
+  }
+  if (response.status === 204) return null;
+  let data = null;
+  try {
+    data = await response.json();
+  } catch (e) {
+    data = null;
+  }
+  if (!response.ok) {
+    if (response.status === 401) $("key-section").hidden = false;
+    const err = data && data.error;
+    const text = err ? err.message + " (" + err.code + ")" : "HTTP " + response.status;
+    const wait = response.headers.get("Retry-After");
+    throw new Error(text + (wait ? "; try again in " + wait + " s" : ""));
+  }
+  return data;
+}
+
+function form(fields) {
+  const data = new FormData();
+  for (const [name, value, filename] of fields) {
+    if (filename) data.append(name, value, filename);
+    else data.append(name, value);
+  }
+  return data;
+}
+
+// --- try a voice ---------------------------------------------------------------------------
+
+function pct(x) {
+  return (100 * x).toFixed(1) + " %";
+}
+
+function showClassification(c) {
+  $("label").textContent = c.label;
+  const known = $("known");
+  if (c.known === undefined || c.known === null) {
+    known.textContent = "";
+    $("known-detail").textContent = "";
+  } else {
+    known.textContent = c.known ? "one of the 9 voices" : "none of the 9 voices";
+    known.className = "tag " + (c.known ? "yes" : "no");
+    $("known-detail").textContent =
+      "Nearest class by embedding: cosine " + c.known_score.toFixed(3) +
+      " (one of the 9 at " + c.known_threshold.toFixed(3) + " or more).";
+  }
+  const list = $("probs");
+  list.replaceChildren();
+  const entries = Object.entries(c.probabilities).sort((a, b) => b[1] - a[1]);
+  for (const [label, p] of entries) {
+    const li = document.createElement("li");
+    const name = document.createElement("span");
+    name.className = "bar-label";
+    name.textContent = label;
+    const bar = document.createElement("span");
+    bar.className = "bar";
+    bar.style.width = Math.max(0.5, 100 * p) + "%";
+    bar.setAttribute("aria-hidden", "true");
+    const value = document.createElement("span");
+    value.className = "bar-value";
+    value.textContent = pct(p);
+    li.append(name, bar, value);
+    list.append(li);
+  }
+}
+
+// A dark-to-bright colour ramp (blue, teal, yellow) for the spectrogram.
+function colour(v) {
+  const t = v / 255;
+  return [Math.round(255 * Math.min(1, Math.max(0, 1.8 * t - 0.6))),
+          Math.round(255 * Math.min(1, 1.2 * t)),
+          Math.round(255 * Math.min(1, 0.35 + 0.9 * t - 1.1 * t * t))];
+}
+
+function drawSpectrogram(s) {
+  const bytes = Uint8Array.from(atob(s.values), (ch) => ch.charCodeAt(0));
+  const canvas = $("spec");
+  canvas.width = s.frames;
+  canvas.height = s.n_mels;
+  const ctx = canvas.getContext("2d");
+  const image = ctx.createImageData(s.frames, s.n_mels);
+  for (let m = 0; m < s.n_mels; m++) {
+    const row = s.n_mels - 1 - m; // low frequencies at the bottom
+    for (let t = 0; t < s.frames; t++) {
+      const [r, g, b] = colour(bytes[m * s.frames + t]);
+      const k = 4 * (row * s.frames + t);
+      image.data[k] = r;
+      image.data[k + 1] = g;
+      image.data[k + 2] = b;
+      image.data[k + 3] = 255;
+    }
+  }
+  ctx.putImageData(image, 0, 0);
+  $("spec-caption").textContent =
+    "The log-mel spectrogram the network saw: " + s.n_mels + " mel bands, " + s.seconds.toFixed(2) +
+    " s" + (s.duration_s > s.seconds + 0.01 ? " (the first window of " + s.duration_s.toFixed(2) + " s)" : "") +
+    ", low frequencies at the bottom.";
+}
+
+async function analyse(blob, filename) {
+  const result = $("result");
+  showError("");
+  result.dataset.state = "busy";
+  result.setAttribute("aria-busy", "true");
+  try {
+    const [c, s] = await Promise.all([
+      call("POST", "/classify?top_k=9", form([["file", blob, filename]])),
+      call("POST", "/spectrogram", form([["file", blob, filename]])),
+    ]);
+    showClassification(c);
+    drawSpectrogram(s);
+    result.hidden = false;
+    result.dataset.state = "done";
+  } catch (e) {
+    result.dataset.state = "error";
+    showError(e.message);
+  } finally {
+    result.removeAttribute("aria-busy");
+  }
+}
+
+$("file").addEventListener("change", (ev) => {
+  const file = ev.target.files[0];
+  if (file) analyse(file, file.name);
+});
+
+let recorder = null;
+let ticker = null;
+
+async function startRecording() {
+  showError("");
+  let stream;
+  try {
+    stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+  } catch (e) {
+    showError("No microphone: " + e.message);
+    return;
+  }
+  const type = ["audio/webm;codecs=opus", "audio/webm", "audio/ogg;codecs=opus", "audio/mp4"]
+    .find((t) => window.MediaRecorder && MediaRecorder.isTypeSupported(t));
+  recorder = new MediaRecorder(stream, type ? { mimeType: type } : {});
+  const chunks = [];
+  const started = performance.now();
+  recorder.ondataavailable = (ev) => chunks.push(ev.data);
+  recorder.onstop = () => {
+    stream.getTracks().forEach((t) => t.stop());
+    clearInterval(ticker);
+    const mime = recorder.mimeType || "audio/webm";
+    const ext = mime.includes("ogg") ? "ogg" : mime.includes("mp4") ? "m4a" : "webm";
+    $("rec-status").textContent = "Recorded " + ((performance.now() - started) / 1000).toFixed(1) + " s";
+    recorder = null;
+    analyse(new Blob(chunks, { type: mime }), "recording." + ext);
+  };
+  recorder.start();
+  const button = $("record");
+  button.textContent = "Stop";
+  button.setAttribute("aria-pressed", "true");
+  ticker = setInterval(() => {
+    const seconds = (performance.now() - started) / 1000;
+    $("rec-status").dataset.seconds = seconds.toFixed(1);
+    $("rec-status").textContent = "Recording… " + seconds.toFixed(1) + " s";
+  }, 100);
+}
+
+$("record").addEventListener("click", () => {
+  if (recorder) {
+    recorder.stop();
+    $("record").textContent = "Record";
+    $("record").setAttribute("aria-pressed", "false");
+  } else {
+    startRecording();
+  }
+});
+
+// --- compare -------------------------------------------------------------------------------
+
+$("compare").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  showError("");
+  const a = $("clip-a").files[0];
+  const b = $("clip-b").files[0];
+  const out = $("compare-result");
+  out.dataset.state = "busy";
+  try {
+    const v = await call("POST", "/verify", form([["a", a, a.name], ["b", b, b.name]]));
+    $("same").textContent = v.same_speaker ? "Same voice" : "Different voices";
+    $("same").className = "verdict " + (v.same_speaker ? "yes" : "no");
+    const toBar = (x) => Math.max(0, Math.min(100, 50 * (x + 1))) + "%"; // cosine -1..1 on the bar
+    $("score-bar").style.width = toBar(v.score);
+    $("threshold-mark").style.left = toBar(v.threshold);
+    $("score-line").textContent =
+      "Cosine " + v.score.toFixed(3) + "; the same voice at " + v.threshold.toFixed(3) + " or more.";
+    out.hidden = false;
+    out.dataset.state = "done";
+  } catch (e) {
+    out.dataset.state = "error";
+    showError(e.message);
+  }
+});
+
+// --- speakers ------------------------------------------------------------------------------
+
+async function listSpeakers() {
+  const list = $("speakers");
+  const page = await call("GET", "/speakers?limit=100");
+  list.replaceChildren();
+  if (!page.speakers.length) {
+    const li = document.createElement("li");
+    li.textContent = "No one enrolled yet.";
+    list.append(li);
+  }
+  for (const s of page.speakers) {
+    const li = document.createElement("li");
+    li.textContent = s.name + " (" + s.clips + " clips, " + s.seconds.toFixed(1) + " s)" + (s.stale ? ", stale" : "") + " ";
+    const del = document.createElement("button");
+    del.type = "button";
+    del.textContent = "Delete";
+    del.setAttribute("aria-label", "Delete " + s.name);
+    del.addEventListener("click", async () => {
+      try {
+        await call("DELETE", "/speakers/" + encodeURIComponent(s.id));
+        await listSpeakers();
+      } catch (e) {
+        showError(e.message);
+      }
+    });
+    li.append(del);
+    list.append(li);
+  }
+}
+
+$("enrol").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  showError("");
+  const fields = [["name", $("enrol-name").value]];
+  for (const f of $("enrol-files").files) fields.push(["file", f, f.name]);
+  try {
+    await call("POST", "/speakers", form(fields));
+    ev.target.reset();
+    await listSpeakers();
+  } catch (e) {
+    showError(e.message);
+  }
+});
+
+$("identify").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  showError("");
+  const f = $("identify-file").files[0];
+  const out = $("identify-result");
+  try {
+    const r = await call("POST", "/identify", form([["file", f, f.name]]));
+    out.textContent = r.speaker
+      ? "This is " + r.speaker.name + " (cosine " + r.speaker.score.toFixed(3) + ")."
+      : "None of the " + r.searched + " enrolled speakers" +
+        (r.matches.length ? " (closest: " + r.matches[0].name + ", " + r.matches[0].score.toFixed(3) + ")" : "") + ".";
+    out.dataset.state = "done";
+  } catch (e) {
+    out.dataset.state = "error";
+    showError(e.message);
+  }
+});
+
+// --- start ---------------------------------------------------------------------------------
+
+async function start() {
+  try {
+    const m = await call("GET", "/v1/model");
+    threshold = m.verification_threshold;
+    $("model-line").textContent =
+      "Model " + m.name + " " + m.version + ": " + m.embedding_size + "-d embeddings, " + m.num_classes + " voice classes.";
+    $("key-section").hidden = !apiKey && $("key-section").hidden;
+  } catch (e) {
+    if (apiKey || $("key-section").hidden) showError(e.message);
+    return;
+  }
+  try {
+    await listSpeakers();
+    $("speakers-section").hidden = false;
+  } catch (e) {
+    $("speakers-section").hidden = true; // no speakers store here: the section stays away
+  }
+  document.body.dataset.ready = "true";
+}
+
+$("key-save").addEventListener("click", () => {
+  apiKey = $("api-key").value.trim();
+  showError("");
+  start();
+});
+
+start();
