@@ -1,0 +1,173 @@
+"""Typed answers of the service, built from its JSON (the shapes /openapi.json publishes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+class ServiceError(Exception):
+    """An error answer of the service (``{"error": {"code", "message"}}``) or a transport failure.
+
+    ``status`` is the HTTP status (0 for a connection that failed, and for one file's error inside
+    a batch answer), ``code`` the service's error
+    code, ``retry_after`` the seconds the service asked to wait (503 under load), if any."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(f"{status} {code}: {message}" if status else f"{code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: str
+    sha256: str
+
+    @classmethod
+    def of(cls, d: dict[str, Any]) -> ModelRef:
+        return cls(d["name"], d["version"], d["sha256"])
+
+
+@dataclass(frozen=True)
+class Embedding:
+    vector: list[float]
+    dim: int
+    normalized: bool
+    duration_s: float
+    model: ModelRef
+
+    @classmethod
+    def of(cls, d: dict[str, Any]) -> Embedding:
+        return cls(d["embedding"], d["dim"], d["normalized"], d["duration_s"], ModelRef.of(d["model"]))
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    label: str
+    index: int
+    score: float
+
+
+@dataclass(frozen=True)
+class Classification:
+    label: str
+    index: int
+    score: float
+    probabilities: dict[str, float]
+    top_k: list[LabelScore]
+    known: bool | None
+    known_score: float | None
+    known_threshold: float | None
+    duration_s: float
+    embedding: list[float] | None
+    model: ModelRef
+
+    @classmethod
+    def of(cls, d: dict[str, Any]) -> Classification:
+        return cls(
+            d["label"],
+            d["index"],
+            d["score"],
+            d["probabilities"],
+            [LabelScore(t["label"], t["index"], t["score"]) for t in d["top_k"]],
+            d.get("known"),
+            d.get("known_score"),
+            d.get("known_threshold"),
+            d["duration_s"],
+            d.get("embedding"),
+            ModelRef.of(d["model"]),
+        )
+
+
+@dataclass(frozen=True)
+class Verification:
+    score: float
+    same_speaker: bool
+    threshold: float
+    duration_s: dict[str, float]
+    model: ModelRef
+
+    @classmethod
+    def of(cls, d: dict[str, Any]) -> Verification:
+        return cls(d["score"], d["same_speaker"], d["threshold"], d["duration_s"], ModelRef.of(d["model"]))
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One file of a batch: its ``result`` or its ``error`` (the others in the batch are unaffected)."""
+
+    index: int
+    filename: str | None
+    result: Embedding | Classification | None
+    error: ServiceError | None
+
+
+@dataclass(frozen=True)
+class Speaker:
+    id: str
+    name: str
+    metadata: dict[str, Any]
+    clips: int
+    seconds: float
+    created_at: str
+    updated_at: str
+    stale: bool
+    model: ModelRef
+    embedding: list[float] | None
+
+    @classmethod
+    def of(cls, d: dict[str, Any]) -> Speaker:
+        return cls(
+            d["id"],
+            d["name"],
+            d["metadata"],
+            d["clips"],
+            d["seconds"],
+            d["created_at"],
+            d["updated_at"],
+            d["stale"],
+            ModelRef.of(d["model"]),
+            d.get("embedding"),
+        )
+
+
+@dataclass(frozen=True)
+class Match:
+    id: str
+    name: str
+    score: float
+
+
+@dataclass(frozen=True)
+class SpeakerVerification:
+    speaker: Match
+    same_speaker: bool
+    threshold: float
+
+    @classmethod
+    def of(cls, d: dict[str, Any]) -> SpeakerVerification:
+        return cls(Match(d["speaker"]["id"], d["speaker"]["name"], d["score"]), d["same_speaker"], d["threshold"])
+
+
+@dataclass(frozen=True)
+class Identification:
+    matches: list[Match]
+    speaker: Match | None  # the best match at or above the threshold, else None
+    threshold: float
+    searched: int
+    skipped_stale: int
+
+    @classmethod
+    def of(cls, d: dict[str, Any]) -> Identification:
+        best = d.get("speaker")
+        return cls(
+            [Match(m["id"], m["name"], m["score"]) for m in d["matches"]],
+            None if best is None else Match(best["id"], best["name"], best["score"]),
+            d["threshold"],
+            d["searched"],
+            d["skipped_stale"],
+        )
