@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             "cores": os.cpu_count(),
             "torch": torch.__version__,
             "threads": threads,
-            "bf16_native": model.weights.bf16_native(),
+            "bf16_native": model.runtime.bf16_native(),
         },
         "service_settings": {
             "backend": m.backend,

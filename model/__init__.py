@@ -1,4 +1,4 @@
-"""The network, its spectrogram front end, audio, the weights format and runtime (training: model.training)."""
+"""The network, its spectrogram front end, audio, the weights format and the runtime (training: model.training)."""
 
 from model.features import FeatureConfig, LogMelSpectrogram
 from model.resnet import (
@@ -13,7 +13,8 @@ from model.resnet import (
     ResNet152,
     build,
 )
-from model.weights import EmbeddingModel, Inference, Manifest, WeightsError, load, save
+from model.runtime import EmbeddingModel, Inference, load
+from model.weights import Manifest, WeightsError, save
 
 __all__ = [
     "ARCHITECTURES",

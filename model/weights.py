@@ -2,33 +2,28 @@
 
 The manifest carries everything needed to rebuild the network and its front end (architecture,
 sizes, labels, feature config), the tensor file's sha256, and provenance and metrics when
-known. :func:`load` checks all of it and refuses anything wrong with a one-line error that names
-the file and the problem.
+known. :func:`read` checks all of it and refuses anything wrong with a one-line error that names
+the file and the problem. How a loaded network runs (backends, precision, windows, batches) is
+``model.runtime``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import math
-import threading
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import safetensors
 import safetensors.torch
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from model.audio import Audio, to_mono
-from model.features import FeatureConfig, LogMelSpectrogram
+from model.features import FeatureConfig
 from model.resnet import ARCHITECTURES, BasicBlock, ResNet, build
 
 log = logging.getLogger(__name__)
@@ -250,202 +245,9 @@ def write_manifest(out_dir: str | Path, manifest: Manifest) -> None:
     tmp.replace(path)
 
 
-@dataclass
-class Inference:
-    logits: Tensor  # (num_classes,)
-    embedding: Tensor  # (embedding_size,)
-    windows: int  # how many windows were averaged
-
-    @property
-    def probabilities(self) -> Tensor:
-        return F.softmax(self.logits, dim=-1)
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def bf16_native() -> bool:
-    """True where oneDNN runs bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated
-    and several times slower than fp32."""
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def _resolve(what: str, value: str, choices: tuple[str, ...], auto: Callable[[], str]) -> str:
-    if value not in choices:
-        raise ValueError(f"{what} must be one of {', '.join(choices)}, not {value!r}")
-    return auto() if value == "auto" else value
-
-
-def resolve_precision(precision: str) -> str:
-    """``auto`` -> ``bf16`` where the CPU has native bf16, else ``fp32``."""
-    return _resolve("precision", precision, PRECISIONS, lambda: "bf16" if bf16_native() else "fp32")
-
-
-BACKENDS = ("auto", "torch", "openvino")
-
-
-def openvino_available() -> bool:
-    return importlib.util.find_spec("openvino") is not None
-
-
-def resolve_backend(backend: str) -> str:
-    """``auto`` -> ``openvino`` where it is installed, else ``torch``."""
-    return _resolve("backend", backend, BACKENDS, lambda: "openvino" if openvino_available() else "torch")
-
-
-# OpenVINO's CPU plugin keeps a prepared executor per input shape, 5000 by default: with every
-# upload length a new shape, that grew RSS by about 1 MB per new length (300 random lengths:
-# +300 MB and rising); 32 kept it flat after the first 100 and still holds every batch size
-# of a few common lengths.
-OPENVINO_SHAPE_CACHE = 32
-
-
-class OpenVINONetwork:
-    """The network compiled by OpenVINO's CPU plugin, called like ``ResNet``: log-mel features
-    ``(B, 1, n_mels, T)`` -> ``(logits, embedding)``. Batch and time are dynamic. Converted from the
-    loaded PyTorch module in memory (no file is written or read), so it computes exactly what the
-    weights define; ``precision`` is its inference precision hint (fp32 keeps fp32 everywhere)."""
-
-    def __init__(self, network: ResNet, n_mels: int, precision: str, threads: int) -> None:
-        import openvino as ov
-
-        batch, frames = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("frames", min=16, max=10**6)
-        exported = torch.export.export(
-            network, (torch.zeros(2, 1, n_mels, 200),), dynamic_shapes=({0: batch, 3: frames},)
-        )
-        converted = ov.convert_model(exported)
-        config = {
-            "CPU_RUNTIME_CACHE_CAPACITY": OPENVINO_SHAPE_CACHE,
-            "INFERENCE_NUM_THREADS": threads,
-            "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-        }
-        self._request = ov.Core().compile_model(converted, "CPU", config).create_infer_request()
-        self._lock = threading.Lock()  # one infer request: one call at a time
-
-    def __call__(self, feats: Tensor) -> tuple[Tensor, Tensor]:
-        with self._lock:
-            out = self._request.infer({0: feats.contiguous().numpy()})
-            # the request reuses its output buffers: copy before the next call
-            return torch.tensor(out[0]), torch.tensor(out[1])
-
-
-class EmbeddingModel:
-    """A loaded, checked model: network in eval mode, its front end and its manifest.
-
-    :meth:`configure` picks the execution: the backend (PyTorch eager, or the network compiled
-    by OpenVINO), ``fp32`` or ``bf16`` (autocast in PyTorch; the front end always runs in fp32)
-    and, for PyTorch, channels-last memory layout. Results are fp32 whatever the precision.
-    """
-
-    def __init__(self, network: ResNet, manifest: Manifest) -> None:
-        self.network = network.eval()
-        self.manifest = manifest
-        self.features = LogMelSpectrogram(manifest.features).eval()
-        self.precision = "fp32"
-        self.channels_last = False
-        self.backend = "torch"
-        self._compiled: OpenVINONetwork | None = None
-        self._centroids: Tensor | None = None
-
-    def configure(self, precision: str = "fp32", channels_last: bool = False, backend: str = "torch") -> EmbeddingModel:
-        self.precision = resolve_precision(precision)
-        self.backend = resolve_backend(backend)
-        self.channels_last = channels_last and self.backend == "torch"
-        self.network.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
-        self._compiled = None
-        if self.backend == "openvino":
-            started = time.perf_counter()
-            self._compiled = OpenVINONetwork(
-                self.network, self.manifest.features.n_mels, self.precision, torch.get_num_threads()
-            )
-            log.info("compiled for OpenVINO in %.1f s", time.perf_counter() - started)
-        return self
-
-    @property
-    def sample_rate(self) -> int:
-        return self.manifest.sample_rate
-
-    @property
-    def labels(self) -> list[str]:
-        return self.manifest.labels
-
-    def nearest_class(self, embedding: Tensor) -> tuple[int, float, bool] | None:
-        """Open-set check: the class whose centroid is nearest by cosine, that cosine, and whether
-        it reaches the calibrated ``known_threshold`` (False: the voice is none of the classes).
-        None for weights without centroids."""
-        m = self.manifest
-        if m.class_centroids is None or m.known_threshold is None:
-            return None
-        if self._centroids is None:
-            self._centroids = F.normalize(torch.tensor(m.class_centroids, dtype=torch.float32), dim=-1)
-        scores = self._centroids @ F.normalize(embedding.float().reshape(-1), dim=0)
-        best = int(scores.argmax())
-        return best, float(scores[best]), float(scores[best]) >= m.known_threshold
-
-    def prepare(self, audio: Audio) -> Tensor:
-        """Decoded audio (any rate, any channel count) -> mono waveform at the model's rate."""
-        return to_mono(audio, self.sample_rate)
-
-    @torch.inference_mode()
-    def forward_batch(self, waves: Tensor) -> tuple[Tensor, Tensor]:
-        """``(B, samples)`` at the model's rate -> ``(logits (B, C), embedding (B, E))`` in fp32."""
-        feats = self.features(waves)  # (B, 1, n_mels, T), fp32
-        if self._compiled is not None:
-            return self._compiled(feats)
-        if self.channels_last:
-            feats = feats.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            logits, emb = self.network(feats)
-        return logits.float(), emb.float()
-
-    def windows(self, wave: Tensor, window_s: float) -> Tensor:
-        """Split a clip into equal windows of at most ``window_s``: ``(n, samples)``."""
-        window = max(1, int(window_s * self.sample_rate))
-        n = max(1, math.ceil(wave.shape[-1] / window))
-        length = wave.shape[-1] // n
-        return wave[: n * length].reshape(n, length)
-
-    @torch.inference_mode()
-    def spectrogram(self, wave: Tensor, window_s: float = 20.0) -> Tensor:
-        """The log-mel features the network sees for a clip's first window: ``(n_mels, frames)``."""
-        return self.features(self.windows(wave, window_s)[0])[0, 0]
-
-    @torch.inference_mode()
-    def infer_many(self, waves: list[Tensor], window_s: float = 20.0, batch_windows: int = 4) -> list[Inference]:
-        """Clips at the model's rate -> per clip, logits and embedding averaged over its windows.
-
-        Each clip is cut into equal windows of at most ``window_s``. Windows of the same length,
-        from one clip or several, share a forward pass of at most ``batch_windows``; windows of
-        different lengths never do, so no padding ever enters a result, and memory is bounded by
-        ``window_s * batch_windows`` whatever the clips' lengths.
-        """
-        chunks = [self.windows(w, window_s) for w in waves]  # each (n_i, S_i)
-        by_length: dict[int, list[tuple[int, Tensor]]] = {}
-        for i, c in enumerate(chunks):
-            for row in c:
-                by_length.setdefault(row.shape[-1], []).append((i, row))
-        logits_sum = [torch.zeros(self.manifest.num_classes) for _ in waves]
-        emb_sum = [torch.zeros(self.manifest.embedding_size) for _ in waves]
-        for group in by_length.values():
-            for start in range(0, len(group), batch_windows):
-                part = group[start : start + batch_windows]
-                logits, emb = self.forward_batch(torch.stack([row for _, row in part]))  # (B, C), (B, E)
-                for k, (i, _) in enumerate(part):
-                    logits_sum[i] += logits[k]
-                    emb_sum[i] += emb[k]
-        return [
-            Inference(logits=lg / c.shape[0], embedding=em / c.shape[0], windows=c.shape[0])
-            for lg, em, c in zip(logits_sum, emb_sum, chunks, strict=True)
-        ]
-
-    def infer(self, wave: Tensor, window_s: float = 20.0, batch_windows: int = 4) -> Inference:
-        """One clip at the model's rate -> logits and embedding averaged over its windows."""
-        return self.infer_many([wave], window_s, batch_windows)[0]
-
-
-def load(path: str | Path) -> EmbeddingModel:
-    """Load and check a weights directory. Raises :class:`WeightsError` naming file and problem."""
+def read(path: str | Path) -> tuple[ResNet, Manifest]:
+    """Read and check a weights directory: the network with its weights loaded, and the manifest.
+    Raises :class:`WeightsError` naming the file and the problem."""
     root = Path(path)
     if not root.is_dir():
         raise WeightsError(f"{root}: not a weights directory (expected {TENSORS_FILE} + {MANIFEST_FILE})")
@@ -474,4 +276,4 @@ def load(path: str | Path) -> EmbeddingModel:
     network = build(manifest.architecture, manifest.num_classes, manifest.embedding_size)
     load_state_dict_into(network, state, f"{tensors_path} (architecture {manifest.architecture!r})")
     log.info("loaded %s (%s, sha256 %s)", root, manifest.architecture, manifest.sha256[:12])
-    return EmbeddingModel(network, manifest)
+    return network, manifest

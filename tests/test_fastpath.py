@@ -13,9 +13,9 @@ import torch
 import model
 from app.worker import BatchingWorker
 from model.audio import decode
+from model.runtime import bf16_native, resolve_backend, resolve_precision
 from model.training import corpus
 from model.training.evaluate import parity
-from model.weights import bf16_native, resolve_backend, resolve_precision
 from tests.conftest import SHIPPED_WEIGHTS, speech, wav_bytes
 
 

@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from model.runtime import EmbeddingModel, load
 from model.training.data import UNLABELLED, Dataset, load_waves, scan
 from model.training.metrics import eer_of_scores, open_set_report, summarise
-from model.weights import EmbeddingModel, WeightsError, load, write_manifest
+from model.weights import WeightsError, write_manifest
 
 log = logging.getLogger(__name__)
 

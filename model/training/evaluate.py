@@ -25,9 +25,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from model.runtime import BACKENDS, PRECISIONS, EmbeddingModel, load
 from model.training.data import load_waves, scan
 from model.training.metrics import open_set_report, summarise
-from model.weights import BACKENDS, PRECISIONS, EmbeddingModel, WeightsError, load
+from model.weights import WeightsError
 
 log = logging.getLogger(__name__)
 

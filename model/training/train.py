@@ -39,10 +39,11 @@ from tqdm import tqdm
 from model.audio import decode, encode, to_mono
 from model.features import FeatureConfig, LogMelSpectrogram
 from model.resnet import ARCHITECTURES, ResNet, build
+from model.runtime import EmbeddingModel
 from model.training.calibrate import calibrate, embed_all, known_scores
 from model.training.data import UNLABELLED, Dataset, load_waves, random_crop, scan
 from model.training.metrics import open_set_report, summarise
-from model.weights import EmbeddingModel, Manifest, save
+from model.weights import Manifest, save
 
 log = logging.getLogger(__name__)
 
