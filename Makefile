@@ -26,7 +26,7 @@ CORPUS_PACKAGES := festvox-ru festvox-suopuhe-lj festvox-suopuhe-mv festvox-czec
 	festvox-czech-krb festvox-czech-ph festvox-ca-ona-hts
 
 .PHONY: help venv system-deps corpus-deps test lint serve corpus corpus-unseen train evaluate evaluate-open-set \
-	bench soak image clean
+	bench soak image clean quantize
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -76,6 +76,9 @@ corpus-unseen: $(STAMP) system-deps ## fresh sentences in recording conditions t
 train: $(STAMP) ## train ResNet18 on $(DATA), write $(RUN)/weights (TRAIN_ARGS=--resume to continue)
 	$(PY) -m model.training.train --data $(DATA) --arch resnet18 --out $(RUN) --epochs $(EPOCHS) \
 		--steps-per-epoch $(STEPS) --seed $(SEED) $(TRAIN_ARGS)
+
+quantize: $(STAMP) ## make the int8 model of $(WEIGHTS_DIR), calibrated on $(DATA) (PRECISION=int8 serves it)
+	$(PY) -m model.training.quantize $(WEIGHTS_DIR) $(DATA)
 
 evaluate: $(STAMP) ## evaluate $(WEIGHTS_DIR) on the test split of $(DATA)
 	$(PY) -m model.training.evaluate $(WEIGHTS_DIR) $(DATA) --split test

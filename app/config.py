@@ -23,8 +23,10 @@ class Settings(BaseSettings):
     max_duration_s: float = Field(default=600.0, gt=0)
     max_body_bytes: int = Field(default=100 * 1024 * 1024, ge=1024)
     max_files: int = Field(default=16, ge=1, description="files per batch request")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        default="auto", description="auto: bf16 where the CPU has native bf16 (AVX512-BF16/AMX), else fp32"
+    precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
+        default="auto",
+        description="auto: bf16 where the CPU has native bf16 (AVX512-BF16/AMX), else fp32; int8 (opt-in): the "
+        "weights' int8 model on OpenVINO (python -m model.training.quantize makes it)",
     )
     backend: Literal["auto", "torch", "openvino"] = Field(
         default="auto", description="auto: the network compiled by OpenVINO where it is installed, else PyTorch"

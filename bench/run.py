@@ -3,16 +3,20 @@
     .venv/bin/python -m bench.run [--duration 20] [--concurrency 8] [--json runs/bench/latest.json]
 
 In one process and one run (the machines are noisy, so only ratios within a run mean much):
-  1. hardware ceiling: fp32 and bf16 matrix-product GFLOP/s (torch, all cores), and the CPU's
-     fp32 FMA peak (``bench/fma_peak.c``, built with the C compiler where there is one);
+  1. hardware ceilings: fp32 and bf16 matrix-product GFLOP/s (torch, all cores), and the CPU's
+     multiply-accumulate peaks at its real vector widths (``bench/peaks.c``: fp32 FMA, bf16 and
+     int8 dot products where the CPU has them; built with the C compiler where there is one);
   2. model-only ceiling: the same clips through the same front end and network in-process, same
      precision, layout and threads as the service, no HTTP (one clip at a time, and batched the
      way the service's worker batches);
   3. the service (``python -m app`` on the shipped weights) over loopback: light load (one client,
      one request at a time) and saturating load (``--concurrency`` clients), on the 3 s set and
      on the mixed 1-30 s set;
-  4. the naive baseline (``bench/naive.py``) served and driven the same way.
-FLOPs per clip are counted with torch's FlopCounterMode. Prints a table, writes JSON.
+  4. the naive baseline (``bench/naive.py``) served and driven the same way;
+  5. every other precision this CPU and these weights run (fp32, bf16 where native, int8 where
+     the weights have an int8 model): model-only and served on the 3 s set at saturation.
+FLOPs per clip are counted with torch's FlopCounterMode (an int8 multiply or add counts as a
+FLOP does). Prints a table, writes JSON.
 """
 
 from __future__ import annotations
@@ -61,21 +65,44 @@ def matmul_gflops(dtype: torch.dtype, n: int = 1024, seconds: float = 3.0) -> fl
     return 2 * n**3 * done / (time.perf_counter() - start) / 1e9
 
 
-def fma_peak_gflops(threads: int, seconds: float = 2.0) -> float | None:
-    """fp32 FMA issue rate on ``threads`` cores: what no kernel can exceed without doing fewer
-    multiplications (Winograd, int8). None where there is no C compiler or no AVX2 + FMA."""
+def arithmetic_peaks(threads: int, seconds: float = 1.0) -> list[dict[str, Any]]:
+    """Every multiply-accumulate peak this CPU has (``bench/peaks.c``: fp32 FMA at AVX2 and, where
+    present, AVX-512 width; bf16 dot products with AVX512-BF16; int8 dot products with AVX-512 VNNI,
+    AVX-VNNI or plain AVX2), on ``threads`` cores: what no kernel of that kind can exceed without
+    doing fewer multiplications (Winograd). Empty where there is no C compiler."""
     cc = shutil.which("cc") or shutil.which("gcc")
-    # ATen's AVX2 (and AVX512) dispatch level requires AVX2 and FMA
-    if cc is None or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return None
+    if cc is None:
+        return []
     with tempfile.TemporaryDirectory() as tmp:
-        exe = Path(tmp) / "fma_peak"
-        build = [cc, "-O3", "-mavx2", "-mfma", "-fopenmp", str(ROOT / "bench" / "fma_peak.c"), "-o", str(exe)]
+        exe = Path(tmp) / "peaks"
+        build = [cc, "-O3", "-fopenmp", str(ROOT / "bench" / "peaks.c"), "-o", str(exe)]
         if subprocess.run(build, capture_output=True).returncode != 0:
-            return None
+            return []
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         out = subprocess.run([str(exe), str(seconds)], capture_output=True, text=True, env=env, check=True)
-    return float(out.stdout.strip())
+    rows = [line.split() for line in out.stdout.splitlines() if len(line.split()) == 3]
+    return [{"precision": p, "isa": isa, "gops": float(g)} for p, isa, g in rows]
+
+
+def peak_per_precision(peaks: list[dict[str, Any]]) -> dict[str, float]:
+    """The highest peak of each precision (the widest instructions the CPU has for it)."""
+    best: dict[str, float] = {}
+    for row in peaks:
+        best[row["precision"]] = max(best.get(row["precision"], 0.0), row["gops"])
+    return best
+
+
+def precisions_to_run(settings: Settings) -> list[str]:
+    """The service's own precision first, then every other one this CPU and these weights run:
+    fp32 always, bf16 where it is native (emulated bf16 is ~100x slower), int8 where the weights
+    have an int8 model."""
+    own = model.runtime.resolve_precision(settings.precision)
+    others = ["fp32"]
+    if model.runtime.bf16_native():
+        others.append("bf16")
+    if model.load(settings.weights_dir).manifest.int8 is not None:
+        others.append("int8")
+    return [own, *(p for p in others if p != own)]
 
 
 def flops_per_clip(m: model.EmbeddingModel, samples: int, window_s: float) -> int:
@@ -244,6 +271,17 @@ def serve_and_drive(
     return out
 
 
+Sets = dict[str, list[tuple[str, bytes, float]]]
+
+
+def serve_3s(server: Server, sets: Sets, args: argparse.Namespace) -> dict[str, Any]:
+    server.wait_ready("/readyz")
+    try:
+        return asyncio.run(drive(server.url, sets["3s"], args.concurrency, args.duration))
+    finally:
+        server.stop()
+
+
 # report ----------------------------------------------------------------------------------------
 
 
@@ -285,10 +323,14 @@ def main(argv: list[str] | None = None) -> int:
         "concurrency": args.concurrency,
     }
     print("hardware ceiling ...", file=sys.stderr)
+    peaks = arithmetic_peaks(threads)
+    report["machine"]["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     report["hardware"] = {
         "fp32_gflops": matmul_gflops(torch.float32),
         "bf16_gflops": matmul_gflops(torch.bfloat16),
-        "fp32_fma_peak_gflops": fma_peak_gflops(threads),
+        "peaks": peaks,
+        "peak_gops": peak_per_precision(peaks),
+        "fp32_fma_peak_gflops": peak_per_precision(peaks).get("fp32"),
     }
     report["flops_per_3s_clip"] = flops_per_clip(m, 3 * m.sample_rate, settings.window_s)
     mixed_flops = [flops_per_clip(m, w.numel(), settings.window_s) for w in waves["mixed"]]
@@ -296,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print("model-only ceiling ...", file=sys.stderr)
     report["model_only"] = {name: model_only(m, waves[name], settings, args.duration) for name in SETS}
+    own, *others = precisions_to_run(settings)
+    three_s_waves = waves["3s"]
     del m, waves
 
     print("service ...", file=sys.stderr)
@@ -304,6 +348,18 @@ def main(argv: list[str] | None = None) -> int:
     print("naive baseline ...", file=sys.stderr)
     naive = Server("naive", [sys.executable, "-m", "uvicorn", "bench.naive:app", "--host", "127.0.0.1"], {})
     report["naive"] = serve_and_drive(naive, "/docs", sets, args)
+    report["precisions"] = {
+        own: {"model_only_3s": report["model_only"]["3s"], "served_3s_saturated": report["service"]["3s_saturated"]}
+    }
+    for precision in others:
+        print(f"{precision}: model-only and service, 3 s set ...", file=sys.stderr)
+        mp = model.load(settings.weights_dir).configure(precision, settings.channels_last, settings.backend)
+        row = {"model_only_3s": model_only(mp, three_s_waves, settings, args.duration)}
+        del mp
+        env = {"LOG_LEVEL": "WARNING", "PRECISION": precision}
+        server = Server(f"service-{precision}", [sys.executable, "-m", "app"], env)
+        row["served_3s_saturated"] = serve_3s(server, sets, args)
+        report["precisions"][precision] = row
 
     svc, mo, nv, hw = report["service"], report["model_only"], report["naive"], report["hardware"]
 
@@ -321,6 +377,18 @@ def main(argv: list[str] | None = None) -> int:
         "achieved_over_fp32_matmul": achieved / hw["fp32_gflops"],
         "light_p50_minus_model_only_ms": svc["3s_light"]["p50_ms"] - mo["3s"]["single"]["ms_per_call_p50"],
     }
+    for precision, row in report["precisions"].items():
+        served, alone = row["served_3s_saturated"], row["model_only_3s"]
+        row["achieved_gops"] = served["clips_per_s"] * report["flops_per_3s_clip"] / 1e9
+        row["served_over_model_only_3s"] = served["clips_per_s"] / alone["clips_per_s"]
+        row["peak_gops"] = hw["peak_gops"].get(precision)
+        if row["peak_gops"]:
+            row["achieved_over_peak"] = row["achieved_gops"] / row["peak_gops"]
+    if "int8" in report["precisions"] and "fp32" in report["precisions"]:
+        p = report["precisions"]
+        report["ratios"]["served_int8_over_served_fp32_3s"] = (
+            p["int8"]["served_3s_saturated"]["clips_per_s"] / p["fp32"]["served_3s_saturated"]["clips_per_s"]
+        )
     peak = hw["fp32_fma_peak_gflops"]
     if peak:
         naive_gflops = gflops_3s(nv)
@@ -364,6 +432,16 @@ def print_table(r: dict[str, Any]) -> None:
     if split:
         parts = ", ".join(f"{k} {v:.1f}" for k, v in split.items())
         print(f"service light-load mean ms per request: {parts} (outside = HTTP, framework, client)")
+    peaks = ", ".join(f"{x['precision']} {x['isa']} {x['gops']:.0f}" for x in r["hardware"]["peaks"])
+    print(f"\npeaks (G(FL)OP/s, {r['machine']['cpu_capability']}): {peaks or 'not measured (no C compiler)'}")
+    print(f"{'precision, 3 s set':28}{'model-only':>11}{'served':>9}{'served/mo':>10}{'GOP/s':>8}{'/peak':>8}")
+    for precision, row in r["precisions"].items():
+        alone, served = row["model_only_3s"]["clips_per_s"], row["served_3s_saturated"]["clips_per_s"]
+        of_peak = row.get("achieved_over_peak", float("nan"))
+        print(
+            f"{precision:28}{alone:11.2f}{served:9.2f}"
+            f"{row['served_over_model_only_3s']:10.3f}{row['achieved_gops']:8.1f}{of_peak:8.3f}"
+        )
     print(f"\nachieved {r['achieved_gflops_3s']:.1f} GFLOP/s (service, 3 s set, saturated)")
     for k, v in r["ratios"].items():
         print(f"  {k:34} {v:8.3f}")

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,7 @@ from torch import Tensor
 from model.audio import Audio, to_mono
 from model.features import LogMelSpectrogram
 from model.resnet import ResNet
-from model.weights import Manifest, read
+from model.weights import Manifest, int8_model_path, read
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class Inference:
         return F.softmax(self.logits, dim=-1)
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")  # auto never picks int8: it is opt-in
 
 
 def bf16_native() -> bool:
@@ -79,27 +80,39 @@ def resolve_backend(backend: str) -> str:
 OPENVINO_SHAPE_CACHE = 32
 
 
+def to_openvino(network: ResNet, n_mels: int) -> Any:
+    """The network as an OpenVINO model (``openvino.Model``), converted in memory from the loaded
+    PyTorch module (no file is written or read), with dynamic batch and time."""
+    import openvino as ov
+
+    batch, frames = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("frames", min=16, max=10**6)
+    exported = torch.export.export(network, (torch.zeros(2, 1, n_mels, 200),), dynamic_shapes=({0: batch, 3: frames},))
+    return ov.convert_model(exported)
+
+
+def compile_openvino(ov_model: Any, precision: str, threads: int) -> Any:
+    """An OpenVINO model compiled for the CPU: ``precision`` is the inference precision hint of
+    the layers that are not quantised (fp32 keeps them fp32; an int8 model's quantised layers run
+    in int8 whatever the hint)."""
+    import openvino as ov
+
+    config = {
+        "CPU_RUNTIME_CACHE_CAPACITY": OPENVINO_SHAPE_CACHE,
+        "INFERENCE_NUM_THREADS": threads,
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+    }
+    return ov.Core().compile_model(ov_model, "CPU", config)
+
+
 class OpenVINONetwork:
-    """The network compiled by OpenVINO's CPU plugin, called like ``ResNet``: log-mel features
-    ``(B, 1, n_mels, T)`` -> ``(logits, embedding)``. Batch and time are dynamic. Converted from the
-    loaded PyTorch module in memory (no file is written or read), so it computes exactly what the
-    weights define; ``precision`` is its inference precision hint (fp32 keeps fp32 everywhere)."""
+    """A network compiled by OpenVINO's CPU plugin, called like ``ResNet``: log-mel features
+    ``(B, 1, n_mels, T)`` -> ``(logits, embedding)``. Batch and time are dynamic. ``ov_model`` is
+    the network converted in memory (:func:`to_openvino`), so it computes exactly what the weights
+    define, or the int8 model that ``python -m model.training.quantize`` made from them."""
 
-    def __init__(self, network: ResNet, n_mels: int, precision: str, threads: int) -> None:
-        import openvino as ov
-
-        batch, frames = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("frames", min=16, max=10**6)
-        exported = torch.export.export(
-            network, (torch.zeros(2, 1, n_mels, 200),), dynamic_shapes=({0: batch, 3: frames},)
-        )
-        converted = ov.convert_model(exported)
-        config = {
-            "CPU_RUNTIME_CACHE_CAPACITY": OPENVINO_SHAPE_CACHE,
-            "INFERENCE_NUM_THREADS": threads,
-            "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-        }
-        self._request = ov.Core().compile_model(converted, "CPU", config).create_infer_request()
+    def __init__(self, ov_model: Any, precision: str, threads: int) -> None:
+        self._request = compile_openvino(ov_model, precision, threads).create_infer_request()
         self._lock = threading.Lock()  # one infer request: one call at a time
 
     def __call__(self, feats: Tensor) -> tuple[Tensor, Tensor]:
@@ -117,9 +130,10 @@ class EmbeddingModel:
     and, for PyTorch, channels-last memory layout. Results are fp32 whatever the precision.
     """
 
-    def __init__(self, network: ResNet, manifest: Manifest) -> None:
+    def __init__(self, network: ResNet, manifest: Manifest, root: Path | None = None) -> None:
         self.network = network.eval()
         self.manifest = manifest
+        self.root = root  # the weights directory, where an int8 model lives
         self.features = LogMelSpectrogram(manifest.features).eval()
         self.precision = "fp32"
         self.channels_last = False
@@ -128,17 +142,30 @@ class EmbeddingModel:
         self._centroids: Tensor | None = None
 
     def configure(self, precision: str = "fp32", channels_last: bool = False, backend: str = "torch") -> EmbeddingModel:
+        """Choose the execution. ``int8`` runs the weights' int8 model on OpenVINO (``auto`` picks
+        OpenVINO for it); weights without one are refused with a ``WeightsError`` saying how to make it."""
         self.precision = resolve_precision(precision)
+        if self.precision == "int8":
+            if backend == "torch":
+                raise ValueError("int8 runs on the OpenVINO backend: BACKEND=openvino or auto, not torch")
+            if not openvino_available():
+                raise ValueError("int8 runs on the OpenVINO backend, and openvino is not installed")
+            backend = "openvino"
         self.backend = resolve_backend(backend)
         self.channels_last = channels_last and self.backend == "torch"
         self.network.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         self._compiled = None
         if self.backend == "openvino":
             started = time.perf_counter()
-            self._compiled = OpenVINONetwork(
-                self.network, self.manifest.features.n_mels, self.precision, torch.get_num_threads()
-            )
-            log.info("compiled for OpenVINO in %.1f s", time.perf_counter() - started)
+            if self.precision == "int8":
+                import openvino as ov
+
+                xml = int8_model_path(self.root, self.manifest)
+                ov_model = ov.Core().read_model(str(xml))
+            else:
+                ov_model = to_openvino(self.network, self.manifest.features.n_mels)
+            self._compiled = OpenVINONetwork(ov_model, self.precision, torch.get_num_threads())
+            log.info("compiled for OpenVINO (%s) in %.1f s", self.precision, time.perf_counter() - started)
         return self
 
     @property
@@ -225,4 +252,5 @@ class EmbeddingModel:
 
 def load(path: str | Path) -> EmbeddingModel:
     """Load and check a weights directory. Raises ``WeightsError`` naming the file and the problem."""
-    return EmbeddingModel(*read(path))
+    network, manifest = read(path)
+    return EmbeddingModel(network, manifest, Path(path))

@@ -54,6 +54,10 @@ class Manifest:
     # converted from a seed checkpoint have neither.
     class_centroids: list[list[float]] | None = None
     known_threshold: float | None = None
+    # Optional int8 model made from these weights by ``python -m model.training.quantize``: an
+    # OpenVINO IR (``model``: .xml, ``weights``: .bin, beside the manifest) named with their
+    # sha256s, the sha256 of the tensors it was made from, and what the quantisation measured.
+    int8: dict[str, Any] | None = None
 
     @property
     def sample_rate(self) -> int:
@@ -82,6 +86,7 @@ class Manifest:
             "class_centroids": self.class_centroids,
             "provenance": self.provenance,
             "metrics": self.metrics,
+            **({"int8": self.int8} if self.int8 is not None else {}),
         }
 
     @classmethod
@@ -132,6 +137,9 @@ class Manifest:
                 )
         if (centroids is None) != (known_threshold is None):
             raise ValueError("class_centroids and known_threshold go together")
+        int8 = data.get("int8")
+        if int8 is not None:
+            _check_int8(int8)
         return cls(
             architecture=arch.lower(),
             num_classes=data["num_classes"],
@@ -144,7 +152,46 @@ class Manifest:
             metrics=dict(data.get("metrics") or {}),
             class_centroids=None if centroids is None else [[float(x) for x in row] for row in centroids],
             known_threshold=known_threshold,
+            int8=None if int8 is None else dict(int8),
         )
+
+
+INT8_FILES = {"model": ".xml", "weights": ".bin"}
+
+
+def _check_int8(entry: Any) -> None:
+    if not isinstance(entry, dict):
+        raise ValueError("int8 must be an object")
+    for key, suffix in INT8_FILES.items():
+        name = entry.get(key)
+        if not isinstance(name, str) or Path(name).name != name or not name.endswith(suffix):
+            raise ValueError(f"int8.{key} must be a file name ending in {suffix} (beside the manifest), got {name!r}")
+        digest = entry.get(f"{key}_sha256")
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise ValueError(f"int8.{key}_sha256 must be a sha256 hex digest")
+    if not isinstance(entry.get("source_sha256"), str):
+        raise ValueError("int8.source_sha256 (the tensors the int8 model was made from) is missing")
+
+
+def int8_model_path(root: Path | None, manifest: Manifest) -> Path:
+    """The int8 model's .xml, after checking that both its files are the ones the manifest names
+    and that it was made from these weights. Raises :class:`WeightsError` saying what to do."""
+    entry = manifest.int8
+    where = "these weights" if root is None else str(root)
+    if entry is None or root is None:
+        raise WeightsError(
+            f"{where}: no int8 model (PRECISION=int8 needs one): make it with "
+            "`python -m model.training.quantize WEIGHTS_DIR DATA_DIR`"
+        )
+    if entry["source_sha256"] != manifest.sha256:
+        raise WeightsError(f"{root}: the int8 model was made from other weights; quantize these again")
+    for key in INT8_FILES:
+        path = root / entry[key]
+        if not path.is_file():
+            raise WeightsError(f"{path}: missing (the manifest's int8 model)")
+        if file_sha256(path) != entry[f"{key}_sha256"]:
+            raise WeightsError(f"{path}: sha256 does not match the manifest (file corrupted or replaced)")
+    return root / str(entry["model"])
 
 
 def _cosine_or_none(data: dict[str, Any], key: str) -> float | None:

@@ -1,7 +1,7 @@
 """Evaluate a weights directory on any labelled audio folder.
 
     python -m model.training.evaluate WEIGHTS_DIR DATA_DIR [--split test|val|train|all] [--json]
-        [--backend torch|openvino|auto] [--precision auto|fp32|bf16] [--channels-last] [--parity]
+        [--backend torch|openvino|auto] [--precision auto|fp32|bf16|int8] [--channels-last] [--parity]
     python -m model.training.evaluate WEIGHTS_DIR DATA_DIR --open-set [--split open-test|open-val]
 
 Prints accuracy, per-class accuracy, same/different-voice EER and the confusion matrix.
@@ -9,8 +9,9 @@ Prints accuracy, per-class accuracy, same/different-voice EER and the confusion 
 voices): EER over all pairs, minDCF, leave-one-out nearest-centroid accuracy, the same per
 recording condition, and, for weights with class centroids, the share of those clips flagged as
 none of the classes next to the share of the classes' own test clips flagged.
-``--parity`` also runs the plain fp32 model and reports how often the chosen execution's top-1
-agrees with it and the cosine between their embeddings.
+``--parity`` also runs the plain fp32 model on the split (with ``--open-set``, the open-set voices)
+and reports how often the chosen execution's top-1 agrees with it, the cosine between their
+embeddings and the EER with each (e.g. ``--precision int8 --parity``).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from model.runtime import BACKENDS, PRECISIONS, EmbeddingModel, load
-from model.training.data import load_waves, scan
-from model.training.metrics import open_set_report, summarise
+from model.training.data import Item, load_waves, scan
+from model.training.metrics import equal_error_rate, open_set_report, summarise
 from model.weights import WeightsError
 
 log = logging.getLogger(__name__)
@@ -58,19 +59,55 @@ def evaluate(model: EmbeddingModel, data_dir: Path, split: str = "test") -> dict
 
 
 @torch.inference_mode()
-def parity(model: EmbeddingModel, reference: EmbeddingModel, waves: list[torch.Tensor]) -> dict[str, Any]:
-    """How closely ``model`` (e.g. bf16, channels-last) follows ``reference`` (fp32) on ``waves``."""
+def parity(
+    model: EmbeddingModel, reference: EmbeddingModel, waves: list[torch.Tensor], voices: list[str] | None = None
+) -> dict[str, Any]:
+    """How closely ``model`` (int8, bf16, channels-last, ...) follows ``reference`` (fp32) on
+    ``waves``: top-1 agreement, agreement of /classify's ``known`` flag, the cosine between their
+    embeddings (minimum, 1st percentile, share at or above 0.995 and 0.99) and the
+    same/different-voice EER over all pairs of the clips (``voices`` says whose each clip is)
+    with each, and its change in points."""
     fast = [model.infer(w) for w in waves]
     ref = [reference.infer(w) for w in waves]
     agree = [int(f.logits.argmax()) == int(r.logits.argmax()) for f, r in zip(fast, ref, strict=True)]
-    cos = [float(F.cosine_similarity(f.embedding, r.embedding, dim=0)) for f, r in zip(fast, ref, strict=True)]
-    return {
+    known = [
+        (model.nearest_class(f.embedding), reference.nearest_class(r.embedding)) for f, r in zip(fast, ref, strict=True)
+    ]
+    cos = torch.tensor(
+        [float(F.cosine_similarity(f.embedding, r.embedding, dim=0)) for f, r in zip(fast, ref, strict=True)]
+    )
+    report: dict[str, Any] = {
         "execution": {"backend": model.backend, "precision": model.precision, "channels_last": model.channels_last},
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "clips": len(waves),
         "top1_agreement": sum(agree) / len(agree),
-        "min_cosine": min(cos),
-        "mean_cosine": sum(cos) / len(cos),
+        "min_cosine": float(cos.min()),
+        "p1_cosine": float(torch.quantile(cos, 0.01)),
+        "mean_cosine": float(cos.mean()),
+        "share_cosine_at_least_0995": float((cos >= 0.995).float().mean()),
+        "share_cosine_at_least_099": float((cos >= 0.99).float().mean()),
     }
+    if all(a is not None and b is not None for a, b in known):  # weights with class centroids
+        report["known_agreement"] = sum(a[2] == b[2] for a, b in known if a and b) / len(known)
+    names = sorted(set(voices or []))
+    if voices and len(names) < len(voices):  # some voice has two clips: there are same-voice pairs
+        labels = torch.tensor([names.index(v) for v in voices])
+        eer_model = equal_error_rate(torch.stack([f.embedding for f in fast]), labels)[0]
+        eer_ref = equal_error_rate(torch.stack([r.embedding for r in ref]), labels)[0]
+        report |= {
+            "voices": len(names),
+            "eer": eer_model,
+            "eer_fp32": eer_ref,
+            "eer_change_points": 100 * (eer_model - eer_ref),
+        }
+    return report
+
+
+def parity_items(data_dir: Path, split: str) -> list[Item]:
+    items = scan(data_dir).split(split)
+    if not items:
+        raise ValueError(f"{data_dir}: no clips in split {split!r}")
+    return items
 
 
 @torch.inference_mode()
@@ -209,13 +246,15 @@ def main(argv: list[str] | None = None) -> int:
     args.split = split
     try:
         model = load(args.weights_dir).configure(args.precision, args.channels_last, args.backend)
-        if args.open_set and args.identify:
+        if args.parity:
+            items = parity_items(args.data_dir, split)
+            waves = load_waves(items, model.sample_rate, f"loading {split}")
+            summary = parity(model, load(args.weights_dir), waves, [it.voice for it in items])
+            summary["split"] = split
+        elif args.open_set and args.identify:
             summary = evaluate_identification(model, args.data_dir, split)
         elif args.open_set:
             summary = evaluate_open_set(model, args.data_dir, split)
-        elif args.parity:
-            waves, _ = load_split(model, args.data_dir, args.split)
-            summary = parity(model, load(args.weights_dir), waves)
         else:
             summary = evaluate(model, args.data_dir, args.split)
     except (WeightsError, ValueError) as exc:
