@@ -7,7 +7,7 @@
  *   bf16 avx512bf16  vdpbf16ps zmm: 32 bf16 products summed in pairs       64 FLOP/instruction
  *   int8 avx512vnni  vpdpbusd zmm: 64 u8 x s8 products summed in fours    128 OP/instruction
  *   int8 avxvnni     vpdpbusd ymm (AVX-VNNI)                               64 OP/instruction
- *   int8 avx2        vpmaddubsw + vpmaddwd + vpaddd ymm: 32 products       64 OP/3 instructions
+ *   int8 avx2        vpmaddubsw ymm: 32 u8 x s8 products summed in pairs   64 OP/instruction
  *
  * (An "OP" of int8 is a multiply or an add, as a FLOP is for floats.) Each kernel is compiled
  * for its own instruction set (function attributes) and run only where the CPU reports it.
@@ -88,17 +88,19 @@ __attribute__((target("avx2,avxvnni"))) static long int8_avxvnni(double seconds,
     return rounds * CHAINS * 64;
 }
 
-/* Without VNNI an int8 multiply-accumulate takes three instructions: u8 x s8 products added in
- * pairs to s16 (vpmaddubsw), s16 pairs to s32 (vpmaddwd with ones), then the s32 accumulate.
- * The accumulator's own bytes are the u8 operand, so the products cannot be hoisted out of the loop. */
+/* Without VNNI the only instruction that multiplies int8 is vpmaddubsw: 32 u8 x s8 products added
+ * in pairs into 16 s16 (64 OP). Kernels then widen with vpmaddwd + vpaddd, or accumulate a few
+ * steps in s16 first, so their rate is at most vpmaddubsw's issue rate: that is the ceiling
+ * measured here. Each chain feeds its own result back as the next u8 operand (so the products
+ * cannot be hoisted out of the loop). */
 __attribute__((target("avx2"))) static long int8_avx2(double seconds, float *sink) {
     __m256i acc[CHAINS];
-    const __m256i b = _mm256_set1_epi8(-2), ones = _mm256_set1_epi16(1);
-    for (int i = 0; i < CHAINS; i++) acc[i] = _mm256_set1_epi32(i);
-    TIMED_LOOP({ acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(_mm256_maddubs_epi16(acc[i], b), ones)); })
+    const __m256i b = _mm256_set1_epi8(1);
+    for (int i = 0; i < CHAINS; i++) acc[i] = _mm256_set1_epi8((char)i);
+    TIMED_LOOP({ acc[i] = _mm256_maddubs_epi16(acc[i], b); })
     __m256i s = acc[0];
-    for (int i = 1; i < CHAINS; i++) s = _mm256_add_epi32(s, acc[i]);
-    *sink = (float)_mm256_extract_epi32(s, 0);
+    for (int i = 1; i < CHAINS; i++) s = _mm256_add_epi16(s, acc[i]);
+    *sink = (float)_mm256_extract_epi16(s, 0);
     return rounds * CHAINS * 64;
 }
 
