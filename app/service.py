@@ -184,6 +184,9 @@ class InferenceService:
         finally:
             await intake.aclose()
             self.metrics.memory_reserved.set(self.budget.reserved)
+            if self.budget.reserved == 0 and self._worker is not None:
+                # the last request's memory is free now, maybe after the worker's idle trim ran
+                self._worker.housekeeping_soon()
 
     @asynccontextmanager
     async def admitted(self, clips: int) -> AsyncIterator[None]:

@@ -31,6 +31,13 @@ class _Job(Generic[In, Out]):
     queued_at: float
 
 
+class _Wake:
+    """A queue entry that asks for housekeeping, not inference."""
+
+
+WAKE = _Wake()
+
+
 class BatchingWorker(Generic[In, Out]):
     """``on_batch`` is called with the queue wait (seconds) of each job as a batch starts.
 
@@ -38,6 +45,8 @@ class BatchingWorker(Generic[In, Out]):
     memory to the OS): it runs once the queue has stayed empty for ``idle_after_s`` after some
     work, and, so that it also happens under steady load, at most ``idle_every_s`` apart. The
     defaults suit the service's ``malloc_trim`` (a few ms): after 50 ms idle, at most every 2 s.
+    :meth:`housekeeping_soon` asks for it once more (the service does when its last request has
+    released its memory, which can happen after the worker's last idle run).
     """
 
     def __init__(
@@ -57,7 +66,7 @@ class BatchingWorker(Generic[In, Out]):
         self._idle_every_s = idle_every_s
         self._worked = False  # work done since on_idle last ran
         self._last_idle = time.monotonic()
-        self._queue: queue.SimpleQueue[_Job[In, Out] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Job[In, Out] | _Wake | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="infer", daemon=True)
         self._thread.start()
 
@@ -65,6 +74,10 @@ class BatchingWorker(Generic[In, Out]):
         future: Future[Out] = Future()
         self._queue.put(_Job(item, future, time.perf_counter()))
         return future
+
+    def housekeeping_soon(self) -> None:
+        """Run ``on_idle`` once the queue has been empty ``idle_after_s`` from now."""
+        self._queue.put(WAKE)
 
     def close(self, timeout: float | None = None) -> None:
         """Finish what is queued, then stop the thread."""
@@ -81,7 +94,7 @@ class BatchingWorker(Generic[In, Out]):
         except Exception:
             log.exception("idle housekeeping failed")
 
-    def _next(self) -> _Job[In, Out] | None:
+    def _next(self) -> _Job[In, Out] | _Wake | None:
         if self._worked and self._on_idle is not None:
             try:
                 return self._queue.get(timeout=self._idle_after_s)
@@ -93,6 +106,9 @@ class BatchingWorker(Generic[In, Out]):
         first = self._next()
         if first is None:
             return [], True
+        if isinstance(first, _Wake):
+            self._worked = True  # housekeeping after the next idle wait
+            return [], False
         jobs, stop = [first], False
         while len(jobs) < self._max:
             try:
@@ -102,28 +118,38 @@ class BatchingWorker(Generic[In, Out]):
             if job is None:
                 stop = True
                 break
+            if isinstance(job, _Wake):
+                self._worked = True
+                continue
             jobs.append(job)
         return jobs, stop
 
     def _loop(self) -> None:
-        stop = False
-        while not stop:
-            jobs, stop = self._take()
-            jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
-            if not jobs:
-                continue
-            if self._on_batch is not None:
-                now = time.perf_counter()
-                self._on_batch([now - j.queued_at for j in jobs])
-            self._worked = True
-            try:
-                results = self._run([j.item for j in jobs])
-            except Exception as exc:  # one bad batch fails its own requests, never the worker
-                log.exception("inference failed for a batch of %d", len(jobs))
-                for j in jobs:
-                    j.future.set_exception(exc)
-                continue
-            for j, r in zip(jobs, results, strict=True):
-                j.future.set_result(r)
-            if time.monotonic() - self._last_idle >= self._idle_every_s:
-                self._idle()
+        while self._serve_next():
+            pass
+
+    def _serve_next(self) -> bool:
+        """Take and run one batch; False once asked to stop. The batch (its waveforms) is
+        referenced only from this frame, so it is freed before the worker waits again: otherwise
+        the last batch of a burst would stay alive through the idle housekeeping."""
+        jobs, stop = self._take()
+        jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+        if not jobs:
+            return not stop
+        if self._on_batch is not None:
+            now = time.perf_counter()
+            self._on_batch([now - j.queued_at for j in jobs])
+        self._worked = True
+        try:
+            results = self._run([j.item for j in jobs])
+        except Exception as exc:  # one bad batch fails its own requests, never the worker
+            log.exception("inference failed for a batch of %d", len(jobs))
+            for j in jobs:
+                j.future.set_exception(exc)
+            return not stop
+        for j, r in zip(jobs, results, strict=True):
+            j.future.set_result(r)
+        if time.monotonic() - self._last_idle >= self._idle_every_s:
+            del jobs, results
+            self._idle()
+        return not stop

@@ -132,6 +132,20 @@ def test_worker_housekeeping_waits_for_a_quiet_queue_and_still_runs_under_steady
     worker.close(5)
 
 
+def test_worker_housekeeping_asked_for_runs_once_the_queue_is_quiet_and_never_delays_work():
+    tidied = threading.Event()
+    worker: BatchingWorker[int, int] = BatchingWorker(
+        lambda items: [2 * i for i in items], max_clips=4, on_idle=tidied.set, idle_after_s=0.05, idle_every_s=60.0
+    )
+    worker.housekeeping_soon()  # no work done: housekeeping only because it was asked for
+    assert tidied.wait(10)
+    tidied.clear()
+    worker.housekeeping_soon()
+    assert worker.submit(21).result(10) == 42  # a request queued behind the ask is served, not lost
+    assert tidied.wait(10)
+    worker.close(5)
+
+
 def test_service_batches_concurrent_requests_and_reports_its_execution(client: httpx.Client):
     info = client.get("/v1/model").json()["execution"]
     assert info["backend"] == "openvino"
