@@ -179,5 +179,6 @@ def test_service_batches_concurrent_requests_and_reports_its_execution(client: h
         for line in client.get("/metrics").text.splitlines()
         if line.startswith("voice_embed_stage_seconds_count")
     }
-    assert set(stages) == {"decode", "queue", "inference"}
+    # every stage of a clip is timed ('search' too, once a test has used /identify on this server)
+    assert {"decode", "queue", "inference"} <= set(stages) <= {"decode", "queue", "inference", "search"}
     assert stages["decode"] >= 8 and stages["queue"] >= 8 and stages["inference"] >= 1
