@@ -92,7 +92,7 @@ def peak_per_precision(peaks: list[dict[str, Any]]) -> dict[str, float]:
     return best
 
 
-def precisions_to_run(settings: Settings) -> list[str]:
+def precisions_to_run(settings: Settings, manifest: model.Manifest) -> list[str]:
     """The service's own precision first, then every other one this CPU and these weights run:
     fp32 always, bf16 where it is native (emulated bf16 is ~100x slower), int8 where the weights
     have an int8 model."""
@@ -100,7 +100,7 @@ def precisions_to_run(settings: Settings) -> list[str]:
     others = ["fp32"]
     if model.runtime.bf16_native():
         others.append("bf16")
-    if model.load(settings.weights_dir).manifest.int8 is not None:
+    if manifest.int8 is not None:
         others.append("int8")
     return [own, *(p for p in others if p != own)]
 
@@ -251,9 +251,10 @@ def stage_seconds(url: str) -> dict[str, float] | None:
     }
 
 
-def serve_and_drive(
-    server: Server, ready_path: str, sets: dict[str, list[tuple[str, bytes, float]]], args: argparse.Namespace
-) -> dict[str, Any]:
+Sets = dict[str, list[tuple[str, bytes, float]]]  # set name -> (file name, body, seconds)
+
+
+def serve_and_drive(server: Server, ready_path: str, sets: Sets, args: argparse.Namespace) -> dict[str, Any]:
     server.wait_ready(ready_path)
     out: dict[str, Any] = {"rss_mb_before": rss_mb(server.proc.pid)}
     try:
@@ -269,9 +270,6 @@ def serve_and_drive(
     finally:
         server.stop()
     return out
-
-
-Sets = dict[str, list[tuple[str, bytes, float]]]
 
 
 def serve_3s(server: Server, sets: Sets, args: argparse.Namespace) -> dict[str, Any]:
@@ -338,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("model-only ceiling ...", file=sys.stderr)
     report["model_only"] = {name: model_only(m, waves[name], settings, args.duration) for name in SETS}
-    own, *others = precisions_to_run(settings)
+    own, *others = precisions_to_run(settings, m.manifest)
     three_s_waves = waves["3s"]
     del m, waves
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import httpx
 import pytest
@@ -19,6 +20,15 @@ from model.weights import WeightsError, file_sha256
 from tests.conftest import SHIPPED_WEIGHTS, Server, speech, voice_speech
 
 OPEN_TEST_VOICES = [v.label for v in catalogue() if v.role == "open-test"]
+
+
+def weights_without_int8(dest: Path) -> Path:
+    """A copy of the shipped weights whose manifest names no int8 model (and without its files)."""
+    shutil.copytree(SHIPPED_WEIGHTS, dest, ignore=shutil.ignore_patterns("int8.*"))
+    manifest = json.loads((dest / "manifest.json").read_text())
+    manifest.pop("int8", None)
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return dest
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +61,7 @@ def test_int8_follows_fp32_on_the_nine_voices_and_on_voices_never_heard(clips) -
 
 
 def test_int8_needs_the_manifests_int8_model_and_checks_it(tmp_path) -> None:
-    bare = tmp_path / "bare"
-    shutil.copytree(SHIPPED_WEIGHTS, bare)
-    manifest = json.loads((bare / "manifest.json").read_text())
-    manifest.pop("int8", None)
-    (bare / "manifest.json").write_text(json.dumps(manifest))
+    bare = weights_without_int8(tmp_path / "bare")
     with pytest.raises(WeightsError, match=r"no int8 model .*python -m model\.training\.quantize"):
         model.load(bare).configure("int8", backend="auto")
     with pytest.raises(ValueError, match="int8 runs on the OpenVINO backend"):
@@ -71,11 +77,7 @@ def test_int8_needs_the_manifests_int8_model_and_checks_it(tmp_path) -> None:
 
 
 def test_a_server_asked_for_int8_without_an_int8_model_exits_with_the_reason(tmp_path) -> None:
-    shutil.copytree(SHIPPED_WEIGHTS, tmp_path / "w")
-    manifest = json.loads((tmp_path / "w" / "manifest.json").read_text())
-    manifest.pop("int8", None)
-    (tmp_path / "w" / "manifest.json").write_text(json.dumps(manifest))
-    srv = Server(env={"PRECISION": "int8"}, weights=tmp_path / "w")
+    srv = Server(env={"PRECISION": "int8"}, weights=weights_without_int8(tmp_path / "w"))
     try:
         srv.proc.wait(timeout=120)
         assert srv.proc.returncode != 0
@@ -99,11 +101,8 @@ def test_quantize_makes_an_int8_model_that_the_runtime_checks_and_runs(tmp_path)
     weights, the manifest names it with its sha256s, and int8 follows fp32 on clips it never saw."""
     data = tmp_path / "corpus"
     corpus.generate(data, per_voice=6, seed=5, extra_per_voice=2, open_per_voice=3, voice_limit=1)
-    weights = tmp_path / "weights"
-    shutil.copytree(SHIPPED_WEIGHTS, weights, ignore=shutil.ignore_patterns("int8.*"))
+    weights = weights_without_int8(tmp_path / "weights")
     manifest = json.loads((weights / "manifest.json").read_text())
-    manifest.pop("int8", None)
-    (weights / "manifest.json").write_text(json.dumps(manifest))
     argv = [str(weights), str(data), "--calibration-clips", "16", "--validation-clips", "12"]
     assert quantize_main(argv) == 0
     entry = json.loads((weights / "manifest.json").read_text())["int8"]

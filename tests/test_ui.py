@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -57,19 +58,22 @@ def browser(clips: dict[str, Path]) -> Iterator[Browser]:
         b.close()
 
 
+@contextmanager
 def open_page(browser: Browser, url: str) -> Iterator[Page]:
     context = browser.new_context(viewport={"width": 420, "height": 1000})  # a phone's width
     context.grant_permissions(["microphone"])
     page = context.new_page()
     page.set_default_timeout(WAIT_MS)
     page.goto(url + "/")
-    yield page
-    context.close()
+    try:
+        yield page
+    finally:
+        context.close()
 
 
 @pytest.fixture
 def page(browser: Browser, server: Server) -> Iterator[Page]:
-    for p in open_page(browser, server.url):
+    with open_page(browser, server.url) as p:
         expect(p.locator("body")).to_have_attribute("data-ready", "true")
         yield p
 
@@ -146,7 +150,7 @@ def test_with_api_keys_the_page_asks_for_a_key_and_uses_it(browser: Browser, cli
     srv = Server(env={"API_KEYS": "page-test-key"})
     try:
         srv.wait_ready()
-        for page in open_page(browser, srv.url):
+        with open_page(browser, srv.url) as page:
             expect(page.locator("#key-section")).to_be_visible()
             page.fill("#api-key", "wrong")
             page.click("#key-save")

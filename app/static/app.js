@@ -3,7 +3,6 @@
 
 const $ = (id) => document.getElementById(id);
 let apiKey = "";
-let threshold = null;
 
 function headers() {
   return apiKey ? { Authorization: "Bearer " + apiKey } : {};
@@ -290,7 +289,6 @@ $("identify").addEventListener("submit", async (ev) => {
 async function start() {
   try {
     const m = await call("GET", "/v1/model");
-    threshold = m.verification_threshold;
     $("model-line").textContent =
       "Model " + m.name + " " + m.version + ": " + m.embedding_size + "-d embeddings, " + m.num_classes + " voice classes.";
     $("key-section").hidden = !apiKey && $("key-section").hidden;
