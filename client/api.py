@@ -92,6 +92,17 @@ class Call:
             out["json"] = self.json
         return out
 
+    def wait_before_retry(self, exc: Exception, attempt: int, retries: int) -> float:
+        """Seconds to wait before retrying after ``exc`` (a ServiceError or a transport failure);
+        raises the failure as a ServiceError when it is not to be retried."""
+        if isinstance(exc, ServiceError):
+            error = exc
+        else:
+            error = ServiceError(0, type(exc).__name__, str(exc) or "connection failed")
+        if attempt >= retries or not self.retryable(error):
+            raise error from None
+        return backoff(attempt, error)
+
     def result(self, response: httpx.Response) -> Any:
         if response.status_code >= 400:
             raise error_of(response)
@@ -218,17 +229,13 @@ class Client:
         self.http.close()
 
     def send(self, call: Call) -> Any:
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        while True:
             try:
                 return call.result(self.http.request(call.method, call.path, **call.kwargs()))
-            except httpx.TransportError as exc:
-                error = ServiceError(0, type(exc).__name__, str(exc) or "connection failed")
-            except ServiceError as exc:
-                error = exc
-            if attempt == self.retries or not call.retryable(error):
-                raise error
-            time.sleep(backoff(attempt, error))
-        raise AssertionError("unreachable")
+            except (httpx.TransportError, ServiceError) as exc:
+                time.sleep(call.wait_before_retry(exc, attempt, self.retries))
+            attempt += 1
 
     def embed(self, audio: Audio, normalize: bool = False) -> Embedding:
         return self.send(Calls.embed(audio, normalize))
@@ -297,17 +304,13 @@ class AsyncClient:
         await self.http.aclose()
 
     async def send(self, call: Call) -> Any:
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        while True:
             try:
                 return call.result(await self.http.request(call.method, call.path, **call.kwargs()))
-            except httpx.TransportError as exc:
-                error = ServiceError(0, type(exc).__name__, str(exc) or "connection failed")
-            except ServiceError as exc:
-                error = exc
-            if attempt == self.retries or not call.retryable(error):
-                raise error
-            await asyncio.sleep(backoff(attempt, error))
-        raise AssertionError("unreachable")
+            except (httpx.TransportError, ServiceError) as exc:
+                await asyncio.sleep(call.wait_before_retry(exc, attempt, self.retries))
+            attempt += 1
 
     async def embed(self, audio: Audio, normalize: bool = False) -> Embedding:
         return await self.send(Calls.embed(audio, normalize))
