@@ -76,7 +76,7 @@ def unavailable() -> ApiError:
     return ApiError(503, "store_unavailable", "the speaker store is unavailable; retry", {"Retry-After": "1"})
 
 
-def get_speakers(request: Request) -> SpeakerService:
+async def get_speakers(request: Request) -> SpeakerService:  # async: no thread hand-off (app.deps)
     speakers: SpeakerService = request.app.state.speakers
     return speakers
 
