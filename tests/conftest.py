@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
 
@@ -74,6 +74,23 @@ def encode(wave: torch.Tensor, fmt: str, rate: int = 16000, channels: int = 1, s
 
 def wav_bytes(wave: torch.Tensor, rate: int = 16000) -> bytes:
     return encode(wave, "wav-s16", rate=rate, src_rate=rate)
+
+
+def poll(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Wait until ``condition()`` holds, failing after ``timeout`` s (never a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def stays(condition: Callable[[], bool], seconds: float) -> None:
+    """``condition()`` holds throughout ``seconds``: for something that must not happen. (A slow
+    machine can only make this pass wrongly, never fail wrongly.)"""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert condition(), "condition stopped holding"
+        time.sleep(0.02)
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ from model.audio import decode
 from model.runtime import bf16_native, resolve_backend, resolve_precision
 from model.training import corpus
 from model.training.evaluate import parity
-from tests.conftest import SHIPPED_WEIGHTS, speech, wav_bytes
+from tests.conftest import SHIPPED_WEIGHTS, poll, speech, stays, wav_bytes
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +74,11 @@ def test_batching_only_equal_length_windows_never_changes_a_result(backend):
 
 
 def test_worker_takes_what_is_queued_as_one_batch_and_isolates_a_failing_batch():
-    gate = threading.Event()
+    gate, started = threading.Event(), threading.Event()
     batches: list[list[int]] = []
 
     def run(items: list[int]) -> list[int]:
+        started.set()
         gate.wait(10)
         batches.append(items)
         if -1 in items:
@@ -86,7 +87,7 @@ def test_worker_takes_what_is_queued_as_one_batch_and_isolates_a_failing_batch()
 
     worker: BatchingWorker[int, int] = BatchingWorker(run, max_clips=3)
     first = worker.submit(0)  # taken alone; the worker blocks on the gate
-    time.sleep(0.2)
+    assert started.wait(10)
     rest = [worker.submit(i) for i in (1, 2, 3, 4, -1)]
     gate.set()
     assert first.result(5) == 0
@@ -111,15 +112,13 @@ def test_worker_housekeeping_waits_for_a_quiet_queue_and_still_runs_under_steady
     worker: BatchingWorker[int, int] = BatchingWorker(
         run, max_clips=1, on_idle=lambda: events.append("idle"), idle_after_s=0.2, idle_every_s=60.0
     )
-    time.sleep(0.3)
-    assert events == []  # nothing done yet: nothing to tidy
+    stays(lambda: events == [], 0.5)  # nothing done yet: nothing to tidy, however long it waits
     futures = [worker.submit(i) for i in range(4)]  # back to back: no quiet moment between them
     assert [f.result(5) for f in futures] == [0, 1, 2, 3]
     assert "idle" not in events
-    time.sleep(0.4)
+    poll(lambda: "idle" in events)
     assert events == ["run1"] * 4 + ["idle"]  # once, after the queue stayed empty
-    time.sleep(0.3)
-    assert events.count("idle") == 1  # and not again until there is new work
+    stays(lambda: events.count("idle") == 1, 0.5)  # and not again until there is new work
     worker.close(5)
 
     events.clear()

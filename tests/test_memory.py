@@ -20,7 +20,7 @@ import torchaudio.functional as AF
 import model
 from app.budget import MIB, REQUEST_OVERHEAD
 from model.audio import StreamingResampler, decode, decode_mono, to_mono
-from tests.conftest import SHIPPED_WEIGHTS, Server, encode, speech
+from tests.conftest import SHIPPED_WEIGHTS, Server, encode, poll, speech
 from tests.test_production import metric
 
 
@@ -110,13 +110,6 @@ def response(sock: socket.socket) -> tuple[int, dict[str, str], dict]:
     lines = head.decode().split("\r\n")
     headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
     return int(lines[0].split()[1]), headers, json.loads(body)
-
-
-def poll(condition, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def test_uploads_that_do_not_fit_the_memory_budget_are_refused_before_their_body_is_read(client):

@@ -8,7 +8,7 @@ import time
 
 import httpx
 
-from tests.conftest import Server, speech, wav_bytes
+from tests.conftest import Server, poll, speech, wav_bytes
 
 
 def test_api_keys_guard_everything_but_probes_and_metrics():
@@ -108,7 +108,8 @@ def test_sigterm_finishes_in_flight_work_then_exits_zero():
                 )
                 for _ in range(3)
             ]
-            time.sleep(0.5)  # let the requests arrive and start
+            # SIGTERM once all three are admitted (read and counted), so that each is in flight
+            poll(lambda: metric(httpx.get(srv.url + "/metrics").text, "voice_embed_batch_size_count") >= 3)
             srv.proc.send_signal(signal.SIGTERM)
             statuses = [f.result().status_code for f in futures]
         assert statuses == [200, 200, 200]
