@@ -15,9 +15,9 @@ import av
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchaudio
 import torchaudio.functional as AF
 from torch import Tensor
-from torchaudio.functional.functional import _get_sinc_resample_kernel
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -162,8 +162,10 @@ class StreamingResampler:
         gcd = math.gcd(orig_rate, new_rate)
         self.orig, self.new = orig_rate // gcd, new_rate // gcd
         if not self.identity:
-            kernel, self.width = _get_sinc_resample_kernel(orig_rate, new_rate, gcd, dtype=torch.float32)
-            self.kernel = kernel
+            # the kernel and width of torchaudio's public transform (its defaults are
+            # torchaudio.functional.resample's), applied here piece by piece
+            whole = torchaudio.transforms.Resample(orig_rate, new_rate, dtype=torch.float32)
+            self.kernel, self.width = whole.kernel, int(whole.width)
             self._pending = torch.zeros(self.width)  # the left padding torchaudio adds
         self.block_steps = max(1, math.ceil(orig_rate * RESAMPLE_BLOCK_S / self.orig))  # about a second of input
         self.consumed = 0  # input samples fed
