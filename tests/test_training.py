@@ -15,6 +15,7 @@ import model
 from model.audio import load as load_audio
 from model.features import FeatureConfig, LogMelSpectrogram
 from model.training import corpus, voices
+from model.training.centre import fold_mean
 from model.training.data import scan
 from model.training.evaluate import evaluate, evaluate_open_set
 from model.training.metrics import leave_one_out_centroid, min_dcf, open_set_report
@@ -177,6 +178,19 @@ def test_angular_margin_lowers_only_the_target_logit():
     assert (margined[onehot] < plain[onehot]).all()
 
 
+def test_folding_the_mean_centres_the_embedding_and_keeps_the_logits():
+    network = model.ResNet18().eval()
+    x, mean = torch.randn(2, 1, 80, 60), torch.randn(256)
+    with torch.inference_mode():
+        logits, emb = network(x)
+    fold_mean(network, mean)
+    with torch.inference_mode():
+        folded_logits, folded = network(x)
+    assert torch.allclose(folded, emb - mean, atol=1e-5)
+    assert torch.allclose(folded_logits, logits, atol=1e-4)
+    assert set(network.state_dict()) == set(model.ResNet18().state_dict())  # the seed's network still
+
+
 def test_open_set_metrics_on_known_scores():
     # three voices, well apart, 8 clips each: perfect; then one clip moved onto another voice
     torch.manual_seed(0)
@@ -255,6 +269,9 @@ def test_train_cli_writes_loadable_weights_report_and_resumes(tiny_corpus, tmp_p
         loaded.manifest.metrics
     )
     assert "open-set validation voices" in loaded.manifest.metrics["calibration"]["verification"]["source"]
+    # the training voices' mean is folded in only where it lowered the open-set validation EER
+    centring = loaded.manifest.metrics["centring"]
+    assert centring["applied"] == (centring["open_val_eer_after"] < centring["open_val_eer_before"])
     # the margin head is training state: in the checkpoint, never in the weights
     tensors = safetensors.torch.load_file(str(tmp_path / "weights" / "model.safetensors"))
     assert set(tensors) == set(model.ResNet18().state_dict())

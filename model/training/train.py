@@ -9,9 +9,11 @@ the weights. The seed's 9-class linear head learns with cross-entropy on the lab
 crops. Random crops, features from the same front end the service uses, lossy-codec and SpecAugment
 augmentation, a one-cycle learning-rate schedule, a checkpoint every epoch (``--resume`` continues
 from it), validation every epoch (9-class accuracy and EER, and the EER among held-out open-set
-validation voices), early stopping, bf16 autocast where the CPU supports it. Writes ``OUT/weights/``
-(metrics, the verification threshold calibrated at the open-set validation EER, the class
-centroids and the known-voice threshold in the manifest) and a report:
+validation voices), early stopping, bf16 autocast where the CPU supports it. At the end, the
+training voices' mean embedding is folded into the network where that lowers the open-set
+validation EER (``model.training.centre``). Writes ``OUT/weights/`` (metrics, the verification
+threshold calibrated at the open-set validation EER, the class centroids and the known-voice
+threshold in the manifest) and a report:
 ``OUT/report/{curves,confusion}.png`` and ``summary.json``.
 """
 
@@ -41,6 +43,7 @@ from model.features import FeatureConfig, LogMelSpectrogram
 from model.resnet import ARCHITECTURES, ResNet, build
 from model.runtime import EmbeddingModel
 from model.training.calibrate import calibrate, embed_all, known_scores
+from model.training.centre import centre
 from model.training.data import UNLABELLED, Dataset, load_waves, random_crop, scan
 from model.training.metrics import open_set_report, summarise
 from model.weights import Manifest, save
@@ -73,6 +76,7 @@ class TrainConfig:
     class_weight: float = 0.5  # weight of the 9-class cross-entropy beside the margin loss
     label_share: float = 0.35  # share of each batch drawn from the labelled voices (when there are others)
     centroid_clips: int = 40  # training clips per class for the class centroids
+    centre_clips: int = 2  # training clips per voice for the mean folded into the embedding (0: no centring)
 
 
 def bf16_supported() -> bool:
@@ -421,6 +425,10 @@ def finish(
     """Calibrate on the validation voices, test, and write the weights and the report."""
     labels, sr, max_s = dataset.labels, final.sample_rate, cfg.eval_max_s
     val_items = dataset.split("val")
+    centring = centre(
+        final, train_waves, [it.voice for it in dataset.split("train")], open_val_waves,
+        [it.voice for it in dataset.split("open-val")], cfg.centre_clips, max_s,
+    )  # fmt: skip
     centroid_waves = [w for w, c in zip(train_waves, train_classes, strict=True) if c != UNLABELLED]
     cal = calibrate(
         final, dataset, val_waves, open_val_waves, centroid_waves,
@@ -448,6 +456,8 @@ def finish(
         "test_per_class_accuracy": test["per_class_accuracy"],
         "calibration": calibration,
     }
+    if centring is not None:
+        metrics["centring"] = centring
     open_test_items = dataset.split("open-test")
     if open_test_items:
         open_test_waves = load_waves(open_test_items, sr, "loading open-set test")
