@@ -16,6 +16,7 @@ from model.audio import load as load_audio
 from model.features import FeatureConfig, LogMelSpectrogram
 from model.training import corpus, voices
 from model.training.centre import fold_mean
+from model.training.centre import main as centre_main
 from model.training.data import scan
 from model.training.evaluate import evaluate, evaluate_open_set
 from model.training.metrics import leave_one_out_centroid, min_dcf, open_set_report
@@ -291,6 +292,31 @@ def test_train_cli_writes_loadable_weights_report_and_resumes(tiny_corpus, tmp_p
     assert open_set["voices"] == 2 and open_set["clips"] == 16 and open_set["min_clips_per_voice"] == 8
     assert 0 <= open_set["eer"] <= 1 and 0 <= open_set["centroid_accuracy"] <= 1 and open_set["per_condition"]
     assert 0 <= open_set["flagged_unknown"] <= 1 and open_set["classes_flagged_unknown"]["clips"] == 18
+    # centring existing weights: written only where it lowers the open-set validation EER, and then
+    # the embedding moves by one constant vector while the logits stay
+    out = tmp_path / "centred"
+    args = [
+        str(tmp_path / "weights"),
+        str(tiny_corpus),
+        "--out",
+        str(out),
+        "--clips-per-voice",
+        "1",
+        "--centroid-clips",
+        "3",
+    ]
+    if centre_main(args) == 0:
+        centred = model.load(out)
+        info = centred.manifest.metrics["centring"]
+        assert info["applied"] and info["open_val_eer_after"] < info["open_val_eer_before"]
+        assert centred.manifest.sha256 != loaded.manifest.sha256
+        with torch.inference_mode():
+            (logits, emb), (new_logits, new_emb) = loaded.network(x), centred.network(x)
+        assert torch.allclose(new_logits, logits, atol=1e-4)
+        shift = emb - new_emb
+        assert torch.allclose(shift[0], shift[1], atol=1e-4) and shift[0].norm() > 0
+    else:
+        assert not out.exists()
 
 
 @pytest.fixture(scope="module")
