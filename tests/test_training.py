@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import model
 from model.audio import load as load_audio
 from model.features import FeatureConfig, LogMelSpectrogram
 from model.training import corpus, voices
+from model.training.calibrate import main as calibrate_main
 from model.training.centre import fold_mean
 from model.training.centre import main as centre_main
 from model.training.data import scan
@@ -292,6 +294,14 @@ def test_train_cli_writes_loadable_weights_report_and_resumes(tiny_corpus, tmp_p
     assert open_set["voices"] == 2 and open_set["clips"] == 16 and open_set["min_clips_per_voice"] == 8
     assert 0 <= open_set["eer"] <= 1 and 0 <= open_set["centroid_accuracy"] <= 1 and open_set["per_condition"]
     assert 0 <= open_set["flagged_unknown"] <= 1 and open_set["classes_flagged_unknown"]["clips"] == 18
+    # recalibrating on the training corpus reproduces what training calibrated
+    again_dir = tmp_path / "recalibrated"
+    shutil.copytree(tmp_path / "weights", again_dir)
+    assert calibrate_main([str(again_dir), str(tiny_corpus), "--centroid-clips", "3"]) == 0
+    recalibrated = model.load(again_dir).manifest
+    assert recalibrated.verification_threshold == loaded.manifest.verification_threshold
+    assert recalibrated.known_threshold == loaded.manifest.known_threshold
+    assert recalibrated.class_centroids == loaded.manifest.class_centroids
     # centring existing weights: written only where it lowers the open-set validation EER, and then
     # the embedding moves by one constant vector while the logits stay
     out = tmp_path / "centred"

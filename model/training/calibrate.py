@@ -108,6 +108,35 @@ def calibrate(
     return Calibration(open_val["eer_threshold"], centroids, known_threshold, info, val_logits, val_emb)
 
 
+def calibrate_on_corpus(model: EmbeddingModel, dataset: Dataset, centroid_clips: int, max_s: float) -> Calibration:
+    """:func:`calibrate` on a corpus's validation, open-set validation and (for the centroids,
+    ``centroid_clips`` per class) training clips; raises ValueError for a corpus of other classes."""
+    if dataset.labels != model.labels:
+        raise ValueError(f"{dataset.root}: its classes {dataset.labels} are not the model's {model.labels}")
+    sr = model.sample_rate
+    train = [it for it in dataset.split("train") if it.label != UNLABELLED]
+    chosen = [it for k in range(len(model.labels)) for it in [i for i in train if i.label == k][:centroid_clips]]
+    return calibrate(
+        model,
+        dataset,
+        load_waves(dataset.split("val"), sr, "loading val"),
+        load_waves(dataset.split("open-val"), sr, "loading open-set val"),
+        load_waves(chosen, sr, "loading centroid clips"),
+        [it.label for it in chosen],
+        centroid_clips,
+        max_s,
+    )
+
+
+def apply_calibration(model: EmbeddingModel, cal: Calibration, data_dir: Path) -> None:
+    """Put the thresholds and centroids in the model's manifest (not written)."""
+    m = model.manifest
+    m.verification_threshold = None if cal.threshold is None else round(cal.threshold, 4)
+    m.known_threshold = None if cal.known_threshold is None else round(cal.known_threshold, 4)
+    m.class_centroids = None if cal.centroids is None else [[round(x, 6) for x in r] for r in cal.centroids.tolist()]
+    m.metrics["calibration"] = {**cal.info, "data": str(data_dir)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model.training.calibrate", description=__doc__.split("\n\n")[0])
     parser.add_argument("weights_dir", type=Path)
@@ -118,32 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         model = load(args.weights_dir)
-        dataset = scan(args.data_dir)
-        if dataset.labels != model.labels:
-            raise ValueError(f"{args.data_dir}: its classes {dataset.labels} are not the model's {model.labels}")
-        sr = model.sample_rate
-        train = [it for it in dataset.split("train") if it.label != UNLABELLED]
-        chosen = [
-            it for k in range(len(model.labels)) for it in [i for i in train if i.label == k][: args.centroid_clips]
-        ]
-        cal = calibrate(
-            model,
-            dataset,
-            load_waves(dataset.split("val"), sr, "loading val"),
-            load_waves(dataset.split("open-val"), sr, "loading open-set val"),
-            load_waves(chosen, sr, "loading centroid clips"),
-            [it.label for it in chosen],
-            args.centroid_clips,
-            args.max_s,
-        )
+        cal = calibrate_on_corpus(model, scan(args.data_dir), args.centroid_clips, args.max_s)
     except (WeightsError, ValueError) as exc:
         log.error("error: %s", exc)
         return 2
+    apply_calibration(model, cal, args.data_dir)
     m = model.manifest
-    m.verification_threshold = None if cal.threshold is None else round(cal.threshold, 4)
-    m.known_threshold = None if cal.known_threshold is None else round(cal.known_threshold, 4)
-    m.class_centroids = None if cal.centroids is None else [[round(x, 6) for x in r] for r in cal.centroids.tolist()]
-    m.metrics["calibration"] = {**cal.info, "data": str(args.data_dir)}
     write_manifest(args.weights_dir, m)
     log.info("calibrated %s: verification %s, known %s", args.weights_dir, m.verification_threshold, m.known_threshold)
     return 0

@@ -35,8 +35,8 @@ from torch import Tensor
 
 from model.resnet import ResNet
 from model.runtime import EmbeddingModel, load
-from model.training.calibrate import calibrate, embed_all
-from model.training.data import UNLABELLED, Item, load_waves, scan
+from model.training.calibrate import apply_calibration, calibrate_on_corpus, embed_all
+from model.training.data import Item, load_waves, scan
 from model.training.evaluate import evaluate, evaluate_open_set
 from model.training.metrics import open_set_report
 from model.weights import WeightsError, save
@@ -143,31 +143,14 @@ def main(argv: list[str] | None = None) -> int:
         if info is None or not info["applied"]:
             log.info("nothing written: centring does not lower the open-set validation EER here")
             return 1
-        labelled = [it for it in dataset.split("train") if it.label != UNLABELLED]
-        chosen = [
-            it for k in range(len(loaded.labels)) for it in [i for i in labelled if i.label == k][: args.centroid_clips]
-        ]
-        cal = calibrate(
-            loaded,
-            dataset,
-            load_waves(dataset.split("val"), sr, "loading val"),
-            load_waves(open_val, sr, "loading open-set val"),
-            load_waves(chosen, sr, "loading centroid clips"),
-            [it.label for it in chosen],
-            args.centroid_clips,
-            args.max_s,
-        )
+        cal = calibrate_on_corpus(loaded, dataset, args.centroid_clips, args.max_s)
     except (WeightsError, ValueError) as exc:
         log.error("error: %s", exc)
         return 2
+    apply_calibration(loaded, cal, args.data_dir)
     m = loaded.manifest
     metrics = {k: v for k, v in m.metrics.items() if k not in STALE_METRICS}
     metrics["centring"] = {**info, "command": shlex.join(["python", "-m", "model.training.centre", *sys.argv[1:]])}
-    metrics["calibration"] = {**cal.info, "data": str(args.data_dir)}
-    network = loaded.network
-    m.verification_threshold = None if cal.threshold is None else round(cal.threshold, 4)
-    m.known_threshold = None if cal.known_threshold is None else round(cal.known_threshold, 4)
-    m.class_centroids = None if cal.centroids is None else [[round(x, 6) for x in r] for r in cal.centroids.tolist()]
     if dataset.split("test"):  # the test figures training wrote, measured again on the centred embedding
         test = evaluate(loaded, args.data_dir, "test")
         metrics.update(
@@ -178,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics["test_flagged_unknown"] = report["classes_flagged_unknown"]["share"]
         metrics["open_set_test"] = report
     saved = save(
-        network,
+        loaded.network,
         args.out,
         architecture=m.architecture,
         labels=m.labels,
