@@ -108,11 +108,17 @@ def calibrate(
     return Calibration(open_val["eer_threshold"], centroids, known_threshold, info, val_logits, val_emb)
 
 
+def matching_corpus(model: EmbeddingModel, data_dir: Path) -> Dataset:
+    """The corpus at ``data_dir``; ValueError unless its classes are the model's."""
+    dataset = scan(data_dir)
+    if dataset.labels != model.labels:
+        raise ValueError(f"{data_dir}: its classes {dataset.labels} are not the model's {model.labels}")
+    return dataset
+
+
 def calibrate_on_corpus(model: EmbeddingModel, dataset: Dataset, centroid_clips: int, max_s: float) -> Calibration:
     """:func:`calibrate` on a corpus's validation, open-set validation and (for the centroids,
-    ``centroid_clips`` per class) training clips; raises ValueError for a corpus of other classes."""
-    if dataset.labels != model.labels:
-        raise ValueError(f"{dataset.root}: its classes {dataset.labels} are not the model's {model.labels}")
+    ``centroid_clips`` per class) training clips."""
     sr = model.sample_rate
     train = [it for it in dataset.split("train") if it.label != UNLABELLED]
     chosen = [it for k in range(len(model.labels)) for it in [i for i in train if i.label == k][:centroid_clips]]
@@ -147,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         model = load(args.weights_dir)
-        cal = calibrate_on_corpus(model, scan(args.data_dir), args.centroid_clips, args.max_s)
+        cal = calibrate_on_corpus(model, matching_corpus(model, args.data_dir), args.centroid_clips, args.max_s)
     except (WeightsError, ValueError) as exc:
         log.error("error: %s", exc)
         return 2

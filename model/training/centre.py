@@ -35,8 +35,8 @@ from torch import Tensor
 
 from model.resnet import ResNet
 from model.runtime import EmbeddingModel, load
-from model.training.calibrate import apply_calibration, calibrate_on_corpus, embed_all
-from model.training.data import Item, load_waves, scan
+from model.training.calibrate import apply_calibration, calibrate_on_corpus, embed_all, matching_corpus
+from model.training.data import Item, load_waves
 from model.training.evaluate import evaluate, evaluate_open_set
 from model.training.metrics import open_set_report
 from model.weights import WeightsError, save
@@ -78,12 +78,12 @@ def centre(
     if per_voice <= 0 or len(set(open_val_voices)) < 2:
         return None
     mean = voice_mean(model, train_waves, train_voices, per_voice, max_s)
-    before = open_set_report(embed_all(model, open_val_waves, max_s)[1], open_val_voices)
-    fold_mean(model.network, mean)
-    after = open_set_report(embed_all(model, open_val_waves, max_s)[1], open_val_voices)
+    raw = embed_all(model, open_val_waves, max_s)[1]
+    before = open_set_report(raw, open_val_voices)
+    after = open_set_report(raw - mean, open_val_voices)  # what the folded network outputs: no second pass
     applied = after["eer"] < before["eer"]
-    if not applied:
-        fold_mean(model.network, -mean)
+    if applied:
+        fold_mean(model.network, mean)
     info = {
         "source": f"mean embedding of the training voices ({per_voice} clips each, {len(set(train_voices))} voices), "
         "folded into the fc bias (the classifier's bias compensates: logits unchanged)",
@@ -120,9 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         loaded = load(args.weights_dir)
-        dataset = scan(args.data_dir)
-        if dataset.labels != loaded.labels:
-            raise ValueError(f"{args.data_dir}: its classes {dataset.labels} are not the model's {loaded.labels}")
+        dataset = matching_corpus(loaded, args.data_dir)
         sr, per_voice = loaded.sample_rate, args.clips_per_voice
         train: list[Item] = []
         counts: Counter[str] = Counter()
