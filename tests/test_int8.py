@@ -103,7 +103,16 @@ def test_quantize_makes_an_int8_model_that_the_runtime_checks_and_runs(tmp_path)
     corpus.generate(data, per_voice=6, seed=5, extra_per_voice=2, open_per_voice=3, voice_limit=1)
     weights = weights_without_int8(tmp_path / "weights")
     manifest = json.loads((weights / "manifest.json").read_text())
-    argv = [str(weights), str(data), "--calibration-clips", "16", "--validation-clips", "12"]
+    argv = [
+        str(weights),
+        str(data),
+        "--calibration-clips",
+        "16",
+        "--validation-clips",
+        "12",
+        "--min-share-cosine",
+        "0.995",
+    ]
     assert quantize_main(argv) == 0
     entry = json.loads((weights / "manifest.json").read_text())["int8"]
     assert entry["source_sha256"] == manifest["sha256"]

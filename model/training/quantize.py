@@ -1,7 +1,7 @@
 """Make the int8 model of a weights directory, with accuracy control, calibrated on its corpus.
 
     python -m model.training.quantize WEIGHTS_DIR DATA_DIR [--calibration-clips 300]
-        [--validation-clips 200] [--min-share-cosine 0.995] [--seed 0]
+        [--validation-clips 200] [--min-share-cosine 0.9995] [--seed 0]
 
 The network is converted to OpenVINO (as the service runs it) and quantised to int8 by NNCF's
 post-training quantisation with accuracy control: activation ranges come from clips of the
@@ -95,7 +95,7 @@ def quantize(
     data_dir: Path,
     calibration_clips: int = 300,
     validation_clips: int = 200,
-    min_share_cosine: float = 0.995,
+    min_share_cosine: float = 0.9995,
     seed: int = 0,
 ) -> dict[str, Any]:
     import nncf
@@ -176,7 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("data_dir", type=Path)
     parser.add_argument("--calibration-clips", type=int, default=300, help="training clips for activation ranges")
     parser.add_argument("--validation-clips", type=int, default=200, help="val/open-val clips for the metric")
-    parser.add_argument("--min-share-cosine", type=float, default=0.995, help="99 %% of clips keep this cosine")
+    parser.add_argument(
+        "--min-share-cosine",
+        type=float,
+        # 0.995 left the 2026.11.29.3 weights' int8 model at a cosine of 0.994 on a fresh clip of an
+        # open-set voice (their centred embeddings are shorter, so the same int8 error turns them
+        # further); 0.9995 put two layers back in fp32 for the same speed and >= 0.9996 there
+        default=0.9995,
+        help="99 %% of the validation clips keep this cosine to fp32",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
