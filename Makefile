@@ -15,7 +15,7 @@ PER_VOICE ?= 200
 EXTRA_PER_VOICE ?= 12
 OPEN_PER_VOICE ?= 12
 SEED ?= 0
-EPOCHS ?= 7
+EPOCHS ?= 10
 STEPS ?= 100
 # TRAIN_ARGS=--resume continues $(RUN)/checkpoint.pt; TRAIN_ARGS="--stop-after N" ends after N epochs
 TRAIN_ARGS ?=
