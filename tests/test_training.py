@@ -255,10 +255,9 @@ def test_training_features_equal_serving_features(tiny_corpus):
 
 
 def test_train_cli_writes_loadable_weights_report_and_resumes(tiny_corpus, tmp_path):
-    # 2 s of each clip in evaluation and calibration (8 s by default): what is tested here is the
-    # pipeline, and whole-clip embedding is most of its time
+    max_s = 2.0  # of each clip in evaluation and calibration (8 by default): whole-clip embedding is most of the time
     cfg = TrainConfig(
-        epochs=2, batch_size=12, crop_s=0.5, patience=5, steps_per_epoch=3, centroid_clips=3, eval_max_s=2.0
+        epochs=2, batch_size=12, crop_s=0.5, patience=5, steps_per_epoch=3, centroid_clips=3, eval_max_s=max_s
     )
     train(tiny_corpus, tmp_path, cfg, FeatureConfig(), resume=False, stop_after=1)  # an interrupted run
     first = json.loads((tmp_path / "report" / "summary.json").read_text())
@@ -301,7 +300,7 @@ def test_train_cli_writes_loadable_weights_report_and_resumes(tiny_corpus, tmp_p
     # recalibrating on the training corpus reproduces what training calibrated
     again_dir = tmp_path / "recalibrated"
     shutil.copytree(tmp_path / "weights", again_dir)
-    assert calibrate_main([str(again_dir), str(tiny_corpus), "--centroid-clips", "3", "--max-s", "2"]) == 0
+    assert calibrate_main([str(again_dir), str(tiny_corpus), "--centroid-clips", "3", "--max-s", str(max_s)]) == 0
     recalibrated = model.load(again_dir).manifest
     assert recalibrated.verification_threshold == loaded.manifest.verification_threshold
     assert recalibrated.known_threshold == loaded.manifest.known_threshold
@@ -319,7 +318,7 @@ def test_train_cli_writes_loadable_weights_report_and_resumes(tiny_corpus, tmp_p
         "--centroid-clips",
         "3",
         "--max-s",
-        "2",
+        str(max_s),
     ]
     if centre_main(args) == 0:
         centred = model.load(out)
