@@ -66,7 +66,7 @@ lint: $(STAMP) ## ruff and mypy
 serve: $(STAMP) ## start the service on the shipped weights (PORT=8000)
 	WEIGHTS_DIR=$(WEIGHTS_DIR) HOST=$(HOST) PORT=$(PORT) $(PY) -m app
 
-corpus: $(STAMP) corpus-deps ## synthesise the corpus (9 labelled voices, 352 more, 28 open-set) into $(DATA)
+corpus: $(STAMP) corpus-deps ## synthesise the corpus (9 labelled voices, 652 more, 28 open-set) into $(DATA)
 	$(PY) -m model.training.corpus $(DATA) --per-voice $(PER_VOICE) --extra-per-voice $(EXTRA_PER_VOICE) \
 		--open-per-voice $(OPEN_PER_VOICE) --seed $(SEED)
 

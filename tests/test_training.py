@@ -128,12 +128,47 @@ def test_every_catalogue_espeak_voice_sounds_different():
     for v in voices.catalogue():
         if v.engine != "espeak" or v.warp != 1.0:
             continue
-        cmd = ["espeak-ng", "-v", v.name, "--stdout", "Seven bright voices read the quiet letter aloud."]
-        samples = subprocess.run(cmd, check=True, capture_output=True, timeout=60).stdout[44:]  # past the header
-        digest = hashlib.sha256(samples).hexdigest()
+        cmd = [*corpus.espeak_command(v), "--stdout", "Seven bright voices read the quiet letter aloud."]
+        done = subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+        assert not done.stderr, f"{v.label}: {done.stderr.decode()}"  # e.g. espeak-ng's voice list is full
+        digest = hashlib.sha256(done.stdout[44:]).hexdigest()  # past the header
         assert digest not in seen, f"{v.label} sounds exactly like {seen[digest]}"
         seen[digest] = v.label
-    assert len(seen) > 250  # every espeak voice of the catalogue was heard
+    synthetic = [label for label in seen.values() if voices.SYNTHETIC_PREFIX in label]
+    assert len(synthetic) == voices.SYNTHETIC_VARIANTS  # our own variant files are heard, each a voice
+    assert len(seen) > 550  # every espeak voice of the catalogue was heard
+
+
+def _pitch_and_formants(text: str) -> list[float]:
+    """A variant file's base pitch and formant 0-5 frequencies (%), espeak-ng's defaults where unset."""
+    values = [82.0] + [100.0] * 6
+    for line in text.splitlines():
+        words = line.split()
+        if words[:1] == ["pitch"]:
+            values[0] = float(words[1])
+        elif words[:1] == ["formant"] and int(words[1]) <= 5:
+            values[1 + int(words[1])] = float(words[2])
+    return values
+
+
+def test_synthetic_variants_are_no_copy_of_a_reserved_voice():
+    """The synthetic variants are drawn without looking at the reserved voices; this checks the draw
+    copies none of them: each differs from every reserved variant file (and AnxiousAndy) by at least
+    3 % in base pitch or in one of formants 0-5, and none uses klatt2's synthesiser (``klatt 2``)."""
+    version = subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True, check=True).stdout
+    variant_dir = Path(version.partition("Data at:")[2].strip()) / "voices" / "!v"
+    keep_out = voices.RESERVED_ESPEAK_VARIANTS | voices.NEAR_RESERVED_ESPEAK_VARIANTS
+    reserved = {f.name: _pitch_and_formants(f.read_text()) for f in variant_dir.iterdir() if f.name.lower() in keep_out}
+    assert len(reserved) == len(keep_out)
+    for name, text in voices.synthetic_variants().items():
+        assert "klatt 2" not in text
+        ours = _pitch_and_formants(text)
+        for other, theirs in reserved.items():
+            gap = max(
+                abs(ours[0] - theirs[0]) / theirs[0],
+                *(abs(a - b) / 100 for a, b in zip(ours[1:], theirs[1:], strict=True)),
+            )
+            assert gap >= 0.03, f"{name} is within {gap:.0%} of reserved {other}"
 
 
 def test_generation_is_reproducible_and_resumable(tiny_corpus, tmp_path):

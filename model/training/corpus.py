@@ -18,9 +18,11 @@ rates outside 0.8x..1.25x, or all at once).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import subprocess
@@ -40,7 +42,7 @@ from tqdm import tqdm
 
 from model.audio import decode, resample
 from model.training.sentences import sentences
-from model.training.voices import ESPEAK_VARIANT_FILES, LABEL_VOICES, Voice, catalogue
+from model.training.voices import ESPEAK_VARIANT_FILES, LABEL_VOICES, Voice, catalogue, synthetic_variants
 
 log = logging.getLogger(__name__)
 
@@ -196,10 +198,59 @@ def synthesise(voice: Voice, text: str, rate: float, pitch: int, workdir: Path) 
             str(workdir / "tts.txt"), "-o", str(wav),
         ]  # fmt: skip
     else:
-        cmd = ["espeak-ng", "-v", voice.name, "-s", str(round(175 * rate)), "-p", str(50 + pitch), "-w", str(wav), text]
+        cmd = [*espeak_command(voice), "-s", str(round(175 * rate)), "-p", str(50 + pitch), "-w", str(wav), text]
     subprocess.run(cmd, check=True, capture_output=True, timeout=120)
     audio = decode(wav)
     return audio.samples.mean(axis=0), audio.sample_rate
+
+
+def espeak_command(voice: Voice) -> list[str]:
+    """``espeak-ng -v NAME``, reading this project's synthetic variant files for a voice that
+    speaks one (``--path`` to a data folder that also has them); other voices as they always were."""
+    if voice.name.partition("+")[2] in synthetic_variants():
+        return ["espeak-ng", "--path", str(espeak_data_path()), "-v", voice.name]
+    return ["espeak-ng", "-v", voice.name]
+
+
+ESPEAK_VOICE_LIMIT = 349  # espeak-ng 1.51 lists at most N_VOICES_LIST - 1 voice files; past it, variants go unheard
+
+
+@cache
+def espeak_data_path() -> Path:
+    """A folder for ``espeak-ng --path`` whose ``espeak-ng-data`` is the system's (linked, not copied)
+    with English (``lang/gmw``) as its only language family and the synthetic variants as its only
+    variants: espeak-ng reads variants from its data folder only, the system's is not ours to write,
+    and espeak-ng lists at most 349 voice files, silently speaking the base voice for a variant past
+    that (the system's 131 languages, 101 variants and 90 MBROLA voices already fill it). Named by a
+    digest of the variants, made once (atomically, so parallel corpus workers agree) in the
+    temporary folder."""
+    version = subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True, check=True).stdout
+    system = Path(version.partition("Data at:")[2].strip())
+    if not (system / "lang" / "gmw").is_dir():
+        raise SystemExit(f"espeak-ng's data folder {system} has no lang/gmw (English)")
+    variants = synthetic_variants()
+    listed = len(variants) + sum(1 for _ in (system / "lang" / "gmw").iterdir())
+    if listed > ESPEAK_VOICE_LIMIT:
+        raise SystemExit(f"{listed} voice files: espeak-ng would not hear those past {ESPEAK_VOICE_LIMIT}")
+    digest = hashlib.sha256(json.dumps([str(system), variants], sort_keys=True).encode()).hexdigest()[:16]
+    final = Path(tempfile.gettempdir()) / f"ve-espeak-{digest}"
+    if final.is_dir():
+        return final
+    work = Path(tempfile.mkdtemp(prefix="ve-espeak-", dir=final.parent))
+    data = work / "espeak-ng-data"
+    (data / "lang").mkdir(parents=True)
+    (data / "voices" / "!v").mkdir(parents=True)
+    for entry in system.iterdir():
+        if entry.name not in ("voices", "lang"):
+            (data / entry.name).symlink_to(entry)
+    (data / "lang" / "gmw").symlink_to(system / "lang" / "gmw")
+    for name, text in variants.items():
+        (data / "voices" / "!v" / name).write_text(text)
+    try:
+        os.rename(work, final)
+    except OSError:  # another process made it first: theirs is the same
+        shutil.rmtree(work)
+    return final
 
 
 def speak(voice: Voice, text: str, rate: float, pitch: int, workdir: Path) -> torch.Tensor:
@@ -316,7 +367,7 @@ def check_espeak_variants(voices: Iterable[Voice]) -> None:
     wanted = {v.name.partition("+")[2] for v in voices if v.engine == "espeak"}
     listing = subprocess.run(["espeak-ng", "--voices=variant"], capture_output=True, text=True, check=True).stdout
     have = {line.split()[4].removeprefix("!v/") for line in listing.splitlines()[1:] if len(line.split()) > 4}
-    missing = sorted(wanted - have)
+    missing = sorted(wanted - have - synthetic_variants().keys())
     if missing:
         raise SystemExit(f"espeak-ng has no variant files {', '.join(missing)} (expected: {len(ESPEAK_VARIANT_FILES)})")
 

@@ -4,7 +4,11 @@ Voices come from Debian's synthesisers: espeak-ng's voice variants spoken with i
 accents, flite's and festival's voices (festival's other-language voices reading English count as
 voices of their own), and pseudo-speakers: a synthesised voice with a fixed per-speaker speed
 warp (resampling, which moves pitch, formants and tempo together, as a shorter or longer vocal
-tract does), which WeSpeaker and 3D-Speaker also count as new speakers.
+tract does), which WeSpeaker and 3D-Speaker also count as new speakers. And espeak-ng voices of
+this project's own: ``SYNTHETIC_VARIANTS`` variant files drawn at random (pitch, formant
+frequencies, strengths and widths, voicing, flutter, roughness, breath, tone, echo), each a new
+training speaker, because the ~50 variant families espeak-ng ships are too few to teach an
+embedding what makes voices it never heard differ (see ``synthetic_variant``).
 
 Roles: ``label`` (the 9 classes of the shipped head, unchanged), ``train`` (more voices for the
 embedding), ``open-val`` and ``open-test`` (voices held out of training, for calibration and
@@ -18,6 +22,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from functools import cache
 
 # Reserved for an independent evaluation of this project's models: never train, validate,
 # calibrate or select on these, in any accent. A corpus that held them would make that
@@ -129,6 +134,56 @@ OPEN_VAL_FAMILIES = 12
 OPEN_TEST_FAMILIES = 16
 ACCENTS_PER_TRAIN_VARIANT = 6
 ESPEAK_WARPED_VARIANTS = 24  # training espeak variants that also get warped pseudo-speakers (en-us)
+SYNTHETIC_VARIANTS = 300  # espeak-ng variant files of our own, training voices only
+SYNTHETIC_PREFIX = "vesyn"  # their file names: vesyn000 .. vesyn299 (no espeak-ng variant starts so)
+
+
+def synthetic_variant(k: int) -> str:
+    """The text of synthetic variant file ``k`` (espeak-ng's variant format, docs/voices.md): a
+    fixed random draw, so the corpus is reproducible. A vocal tract length (one scale for formants
+    0-5, with a small jitter each) and a pitch matching a male or female voice, then voice quality
+    at random. Never ``klatt 2``: with default formants that is the reserved variant klatt2
+    (tests/test_training.py also checks no draw lands near any reserved variant file)."""
+    rng = random.Random(f"synthetic-variant:{k}")
+    female = rng.random() < 0.5
+    base = rng.uniform(140, 230) if female else rng.uniform(60, 135)
+    tract = rng.uniform(1.0, 1.22) if female else rng.uniform(0.84, 1.04)
+    lines = [
+        "language variant",
+        f"name {SYNTHETIC_PREFIX}{k:03d}",
+        f"gender {'female' if female else 'male'}",
+        f"pitch {base:.0f} {base * rng.uniform(0.6, 1.7):.0f}",
+    ]
+    for n in range(9):
+        if n <= 5:
+            freq = 100 * tract * rng.uniform(0.92, 1.08)
+            lines.append(f"formant {n} {freq:.0f} {rng.uniform(50, 110):.0f} {rng.uniform(70, 170):.0f}")
+        else:
+            lines.append(f"formant {n} 100 {rng.uniform(30, 110):.0f} 100")
+    lines += [
+        f"voicing {rng.uniform(50, 150):.0f}",
+        f"consonants {rng.uniform(60, 120):.0f} {rng.uniform(60, 120):.0f}",
+    ]
+    if rng.random() < 0.5:
+        lines.append(f"flutter {rng.uniform(0, 20):.0f}")
+    if rng.random() < 0.4:
+        lines.append(f"roughness {rng.randint(0, 6)}")
+    if rng.random() < 0.2:
+        lines.append("breath " + " ".join(str(rng.randint(0, 4)) for _ in range(8)))
+    if rng.random() < 0.4:
+        freqs = sorted(rng.sample(range(200, 3600, 100), 4))
+        lines.append("tone " + " ".join(f"{f} {rng.randint(20, 200)}" for f in freqs))
+    if rng.random() < 0.15:
+        lines.append(f"echo {rng.randint(10, 40)} {rng.randint(5, 20)}")
+    if rng.random() < 0.15:
+        lines.append(f"klatt {rng.choice((1, 3, 4))}")
+    return "\n".join(lines) + "\n"
+
+
+@cache
+def synthetic_variants() -> dict[str, str]:
+    """File name -> text of every synthetic variant (do not change the returned dict)."""
+    return {f"{SYNTHETIC_PREFIX}{k:03d}": synthetic_variant(k) for k in range(SYNTHETIC_VARIANTS)}
 
 
 def usable_variants() -> list[str]:
@@ -193,6 +248,9 @@ def catalogue() -> list[Voice]:
         Voice(f"festival-{_slug(n.removeprefix('voice_'))}", "festival", n, 1.0, "train") for n in FESTIVAL_VOICES
     ]
     voices += festival
+    rng = random.Random("synthetic-accents")  # each synthetic variant speaks one accent
+    for variant in synthetic_variants():
+        voices.append(_espeak(rng.choice(ESPEAK_ACCENTS), variant, "train"))
     for base in [*LABEL_VOICES[:5], *festival]:  # flite and festival voices are few: warp all of them
         for w in WARPS:
             voices.append(Voice(f"{base.label}-w{round(w * 100):03d}", base.engine, base.name, w, "train"))
