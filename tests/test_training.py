@@ -155,8 +155,7 @@ def test_synthetic_variants_are_no_copy_of_a_reserved_voice():
     """The synthetic variants are drawn without looking at the reserved voices; this checks the draw
     copies none of them: each differs from every reserved variant file (and AnxiousAndy) by at least
     3 % in base pitch or in one of formants 0-5, and none uses klatt2's synthesiser (``klatt 2``)."""
-    version = subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True, check=True).stdout
-    variant_dir = Path(version.partition("Data at:")[2].strip()) / "voices" / "!v"
+    variant_dir = corpus.espeak_system_data() / "voices" / "!v"
     keep_out = voices.RESERVED_ESPEAK_VARIANTS | voices.NEAR_RESERVED_ESPEAK_VARIANTS
     reserved = {f.name: _pitch_and_formants(f.read_text()) for f in variant_dir.iterdir() if f.name.lower() in keep_out}
     assert len(reserved) == len(keep_out)

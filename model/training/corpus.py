@@ -212,6 +212,12 @@ def espeak_command(voice: Voice) -> list[str]:
     return ["espeak-ng", "-v", voice.name]
 
 
+def espeak_system_data() -> Path:
+    """The system's ``espeak-ng-data`` folder, as ``espeak-ng --version`` names it."""
+    version = subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True, check=True).stdout
+    return Path(version.partition("Data at:")[2].strip())
+
+
 ESPEAK_VOICE_LIMIT = 349  # espeak-ng 1.51 lists at most N_VOICES_LIST - 1 voice files; past it, variants go unheard
 
 
@@ -224,8 +230,7 @@ def espeak_data_path() -> Path:
     that (the system's 131 languages, 101 variants and 90 MBROLA voices already fill it). Named by a
     digest of the variants, made once (atomically, so parallel corpus workers agree) in the
     temporary folder."""
-    version = subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True, check=True).stdout
-    system = Path(version.partition("Data at:")[2].strip())
+    system = espeak_system_data()
     if not (system / "lang" / "gmw").is_dir():
         raise SystemExit(f"espeak-ng's data folder {system} has no lang/gmw (English)")
     variants = synthetic_variants()
