@@ -102,7 +102,7 @@ def test_catalogue_refuses_reserved_voices(engine, name):
 def test_catalogue_has_hundreds_of_voices_and_a_held_out_open_set():
     cat = voices.catalogue()
     reserved = voices.RESERVED_ESPEAK_VARIANTS | voices.NEAR_RESERVED_ESPEAK_VARIANTS
-    variants = {v.name.partition("+")[2] for v in cat if v.engine == "espeak"}
+    variants = {v.variant for v in cat if v.engine == "espeak"}
     assert not {x.lower() for x in variants} & reserved
     assert not {v.name.removeprefix("voice_") for v in cat if v.engine == "festival"} & {"lp_diphone", "pc_diphone"}
     by_role: dict[str, list[voices.Voice]] = {}
@@ -112,7 +112,7 @@ def test_catalogue_has_hundreds_of_voices_and_a_held_out_open_set():
     assert len(by_role["train"]) + len(by_role["label"]) >= 300
     assert len(by_role["open-val"]) + len(by_role["open-test"]) >= 24
     usable = voices.usable_variants()
-    family = lambda v: voices.family(v.name.partition("+")[2], usable)  # noqa: E731
+    family = lambda v: voices.family(v.variant, usable)  # noqa: E731
     trained = {family(v) for v in by_role["train"] + by_role["label"] if v.engine == "espeak"}
     held = [family(v) for v in by_role["open-val"] + by_role["open-test"]]
     assert len(set(held)) == len(held) and not set(held) & trained  # whole variant families held out

@@ -207,7 +207,7 @@ def synthesise(voice: Voice, text: str, rate: float, pitch: int, workdir: Path) 
 def espeak_command(voice: Voice) -> list[str]:
     """``espeak-ng -v NAME``, reading this project's synthetic variant files for a voice that
     speaks one (``--path`` to a data folder that also has them); other voices as they always were."""
-    if voice.name.partition("+")[2] in synthetic_variants():
+    if voice.variant in synthetic_variants():
         return ["espeak-ng", "--path", str(espeak_data_path()), "-v", voice.name]
     return ["espeak-ng", "-v", voice.name]
 
@@ -369,7 +369,7 @@ def check_tools(engines: Iterable[str]) -> None:
 
 def check_espeak_variants(voices: Iterable[Voice]) -> None:
     """espeak-ng falls back to its base voice, silently, on an unknown variant: refuse instead."""
-    wanted = {v.name.partition("+")[2] for v in voices if v.engine == "espeak"}
+    wanted = {v.variant for v in voices if v.engine == "espeak"}
     listing = subprocess.run(["espeak-ng", "--voices=variant"], capture_output=True, text=True, check=True).stdout
     have = {line.split()[4].removeprefix("!v/") for line in listing.splitlines()[1:] if len(line.split()) > 4}
     missing = sorted(wanted - have - synthetic_variants().keys())

@@ -59,6 +59,11 @@ class Voice:
     def __post_init__(self) -> None:
         check_not_reserved(self.engine, self.name)
 
+    @property
+    def variant(self) -> str:
+        """The espeak-ng variant after '+' in the name ('' for other engines or none)."""
+        return self.name.partition("+")[2] if self.engine == "espeak" else ""
+
 
 def check_not_reserved(engine: str, name: str) -> None:
     """Refuse a reserved voice (any accent, any case): raises ReservedVoiceError."""
@@ -223,7 +228,7 @@ def catalogue() -> list[Voice]:
 
     Deterministic: the open-set families and accents are drawn from a fixed seed."""
     variants = usable_variants()
-    label_variants = {v.name.partition("+")[2] for v in LABEL_VOICES if v.engine == "espeak"}
+    label_variants = {v.variant for v in LABEL_VOICES if v.engine == "espeak"}
     families: dict[str, list[str]] = {}
     for v in variants:
         families.setdefault(family(v, variants), []).append(v)
