@@ -17,7 +17,7 @@ from model.audio import load as load_audio
 from model.features import FeatureConfig, LogMelSpectrogram
 from model.training import corpus, voices
 from model.training.calibrate import main as calibrate_main
-from model.training.centre import fold_mean
+from model.training.centre import fold_affine, whitening
 from model.training.centre import main as centre_main
 from model.training.data import scan
 from model.training.evaluate import evaluate, evaluate_open_set
@@ -215,17 +215,37 @@ def test_angular_margin_lowers_only_the_target_logit():
     assert (margined[onehot] < plain[onehot]).all()
 
 
-def test_folding_the_mean_centres_the_embedding_and_keeps_the_logits():
-    network = model.ResNet18().eval()
+def test_folding_mean_and_whitening_transforms_the_embedding_and_keeps_the_logits():
+    torch.manual_seed(0)
     x, mean = torch.randn(2, 1, 80, 60), torch.randn(256)
-    with torch.inference_mode():
-        logits, emb = network(x)
-    fold_mean(network, mean)
-    with torch.inference_mode():
-        folded_logits, folded = network(x)
-    assert torch.allclose(folded, emb - mean, atol=1e-5)
-    assert torch.allclose(folded_logits, logits, atol=1e-4)
-    assert set(network.state_dict()) == set(model.ResNet18().state_dict())  # the seed's network still
+    transform = torch.eye(256) + 0.1 * torch.randn(256, 256)
+    for a in (None, transform):
+        network = model.ResNet18().eval()
+        with torch.inference_mode():
+            logits, emb = network(x)
+        fold_affine(network, mean, a)
+        with torch.inference_mode():
+            folded_logits, folded = network(x)
+        expected = emb - mean if a is None else (emb - mean) @ a.T
+        assert torch.allclose(folded, expected, atol=1e-4)
+        assert torch.allclose(folded_logits, logits, atol=1e-3)
+        assert set(network.state_dict()) == set(model.ResNet18().state_dict())  # the seed's network still
+
+
+def test_whitening_makes_the_within_voice_spread_even():
+    # clips of a voice vary 10x more along the first axis than along the others: after whitening
+    # every direction spreads alike (as much as the average one did), so that axis no longer
+    # dominates cosines
+    torch.manual_seed(0)
+    scale = torch.ones(16)
+    scale[0] = 10.0
+    residuals = torch.randn(4000, 16) * scale
+    scatter = residuals.T @ residuals / len(residuals)
+    a = whitening(scatter, ridge=0.0).float()
+    after = residuals @ a.T
+    covariance = after.T @ after / len(after)
+    assert torch.allclose(covariance / scatter.trace() * 16, torch.eye(16), atol=0.01)
+    assert torch.allclose(a, a.T, atol=1e-6)
 
 
 def test_open_set_metrics_on_known_scores():
@@ -309,9 +329,11 @@ def test_train_cli_writes_loadable_weights_report_and_resumes(tiny_corpus, tmp_p
         loaded.manifest.metrics
     )
     assert "open-set validation voices" in loaded.manifest.metrics["calibration"]["verification"]["source"]
-    # the training voices' mean is folded in only where it lowered the open-set validation EER
+    # the training voices' mean is folded in (too few clips here to whiten), and what that did to
+    # the open-set validation EER is recorded
     centring = loaded.manifest.metrics["centring"]
-    assert centring["applied"] == (centring["open_val_eer_after"] < centring["open_val_eer_before"])
+    assert centring["applied"] and not centring["whitened"]
+    assert 0 <= centring["open_val_eer_before"] <= 1 and 0 <= centring["open_val_eer_after"] <= 1
     # the margin head is training state: in the checkpoint, never in the weights
     tensors = safetensors.torch.load_file(str(tmp_path / "weights" / "model.safetensors"))
     assert set(tensors) == set(model.ResNet18().state_dict())
@@ -339,33 +361,20 @@ def test_train_cli_writes_loadable_weights_report_and_resumes(tiny_corpus, tmp_p
     assert recalibrated.verification_threshold == loaded.manifest.verification_threshold
     assert recalibrated.known_threshold == loaded.manifest.known_threshold
     assert recalibrated.class_centroids == loaded.manifest.class_centroids
-    # centring existing weights: written only where it lowers the open-set validation EER, and then
-    # the embedding moves by one constant vector while the logits stay
+    # centring existing weights: the embedding moves by one constant vector (too few clips here to
+    # whiten) while the logits stay, and the manifest says what was done
     out = tmp_path / "centred"
-    args = [
-        str(tmp_path / "weights"),
-        str(tiny_corpus),
-        "--out",
-        str(out),
-        "--clips-per-voice",
-        "1",
-        "--centroid-clips",
-        "3",
-        "--max-s",
-        str(max_s),
-    ]
-    if centre_main(args) == 0:
-        centred = model.load(out)
-        info = centred.manifest.metrics["centring"]
-        assert info["applied"] and info["open_val_eer_after"] < info["open_val_eer_before"]
-        assert centred.manifest.sha256 != loaded.manifest.sha256
-        with torch.inference_mode():
-            (logits, emb), (new_logits, new_emb) = loaded.network(x), centred.network(x)
-        assert torch.allclose(new_logits, logits, atol=1e-4)
-        shift = emb - new_emb
-        assert torch.allclose(shift[0], shift[1], atol=1e-4) and shift[0].norm() > 0
-    else:
-        assert not out.exists()
+    args = [str(tmp_path / "weights"), str(tiny_corpus), "--out", str(out), "--clips-per-voice", "1"]
+    assert centre_main([*args, "--centroid-clips", "3", "--max-s", str(max_s)]) == 0
+    centred = model.load(out)
+    info = centred.manifest.metrics["centring"]
+    assert info["applied"] and not info["whitened"] and 0 <= info["open_val_eer_after"] <= 1
+    assert centred.manifest.sha256 != loaded.manifest.sha256
+    with torch.inference_mode():
+        (logits, emb), (new_logits, new_emb) = loaded.network(x), centred.network(x)
+    assert torch.allclose(new_logits, logits, atol=1e-4)
+    shift = emb - new_emb
+    assert torch.allclose(shift[0], shift[1], atol=1e-4) and shift[0].norm() > 0
 
 
 @pytest.fixture(scope="module")

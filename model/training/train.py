@@ -76,7 +76,7 @@ class TrainConfig:
     class_weight: float = 0.5  # weight of the 9-class cross-entropy beside the margin loss
     label_share: float = 0.35  # share of each batch drawn from the labelled voices (when there are others)
     centroid_clips: int = 40  # training clips per class for the class centroids
-    centre_clips: int = 2  # training clips per voice for the mean folded into the embedding (0: no centring)
+    centre_clips: int = 3  # training clips per voice for the mean and covariance folded into the embedding (0: none)
 
 
 def bf16_supported() -> bool:
