@@ -76,7 +76,8 @@ class TrainConfig:
     class_weight: float = 0.5  # weight of the 9-class cross-entropy beside the margin loss
     label_share: float = 0.35  # share of each batch drawn from the labelled voices (when there are others)
     centroid_clips: int = 40  # training clips per class for the class centroids
-    centre_clips: int = 3  # training clips per voice for the mean and covariance folded into the embedding (0: none)
+    centre_clips: int = 2  # training clips per voice for the mean (and covariance) folded into the embedding (0: none)
+    whiten: bool = False  # fold within-voice whitening in too (model.training.centre; needs about 3 clips a voice)
 
 
 def bf16_supported() -> bool:
@@ -427,7 +428,7 @@ def finish(
     val_items = dataset.split("val")
     centring = centre(
         final, train_waves, [it.voice for it in dataset.split("train")], open_val_waves,
-        [it.voice for it in dataset.split("open-val")], cfg.centre_clips, max_s,
+        [it.voice for it in dataset.split("open-val")], cfg.centre_clips, max_s, cfg.whiten,
     )  # fmt: skip
     centroid_waves = [w for w, c in zip(train_waves, train_classes, strict=True) if c != UNLABELLED]
     cal = calibrate(
@@ -518,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.add_argument(flag, default=value, choices=sorted(ARCHITECTURES))
         elif name == "bf16":
             parser.add_argument(flag, default=value, choices=["auto", "on", "off"])
+        elif isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=f"default {value}")
         else:
             parser.add_argument(flag, type=type(value), default=value, help=f"default {value}")
     parser.add_argument("--n-mels", type=int, default=FeatureConfig.n_mels)
