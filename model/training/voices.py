@@ -62,13 +62,18 @@ class Voice:
     @property
     def variant(self) -> str:
         """The espeak-ng variant after '+' in the name ('' for other engines or none)."""
-        return self.name.partition("+")[2] if self.engine == "espeak" else ""
+        return espeak_variant(self.name) if self.engine == "espeak" else ""
+
+
+def espeak_variant(name: str) -> str:
+    """``en-us+m3`` -> ``m3``; ``''`` for a name without a variant."""
+    return name.partition("+")[2]
 
 
 def check_not_reserved(engine: str, name: str) -> None:
     """Refuse a reserved voice (any accent, any case): raises ReservedVoiceError."""
     if engine == "espeak":
-        variant = name.partition("+")[2].lower()
+        variant = espeak_variant(name).lower()
         if variant in RESERVED_ESPEAK_VARIANTS or variant in NEAR_RESERVED_ESPEAK_VARIANTS:
             raise ReservedVoiceError(f"espeak-ng variant {variant!r} is reserved for independent evaluation")
     elif engine == "festival":
