@@ -15,11 +15,12 @@ import torch
 import model
 from model.audio import load as load_audio
 from model.features import FeatureConfig, LogMelSpectrogram
+from model.resnet import build
 from model.training import corpus, voices
 from model.training.calibrate import main as calibrate_main
 from model.training.centre import fold_affine, whitening
 from model.training.centre import main as centre_main
-from model.training.data import scan
+from model.training.data import load_waves, scan
 from model.training.evaluate import evaluate, evaluate_open_set
 from model.training.metrics import leave_one_out_centroid, min_dcf, open_set_report
 from model.training.train import (
@@ -29,6 +30,7 @@ from model.training.train import (
     SpecAugment,
     TrainConfig,
     train,
+    warm_start,
 )
 from tests.conftest import SHIPPED_WEIGHTS, speech
 
@@ -398,3 +400,29 @@ def test_shipped_weights_classify_fresh_sentences_of_each_voice(shipped, label):
     for index in range(2):
         result = shipped.infer(speech(label, index))
         assert corpus.LABELS[int(result.logits.argmax())] == corpus.LABELS[label]
+
+
+def test_warm_start_begins_at_the_given_weights_with_each_voice_at_its_clips(tiny_corpus):
+    """--init: fine-tuning starts from existing weights (read, never unpickled), and the margin
+    head's row for each training voice starts at that voice's mean embedding under them."""
+    dataset = scan(tiny_corpus)
+    items = dataset.split("train")
+    waves = load_waves(items, 16000, "train")
+    voices = dataset.voices("train")
+    train_voices = torch.tensor([voices.index(it.voice) for it in items])
+    network, head = build("resnet18", num_classes=9, embedding_size=256), AdditiveAngularMargin(256, len(voices))
+    cfg = TrainConfig(init=str(SHIPPED_WEIGHTS))
+    warm_start(network, head, cfg, corpus.LABELS, FeatureConfig(), waves, train_voices)
+    shipped = model.load(SHIPPED_WEIGHTS)
+    assert all(torch.equal(network.state_dict()[k], v) for k, v in shipped.network.state_dict().items())
+    assert network.training  # handed back ready to train
+    # a voice's clip is nearer its own row than any other voice's
+    with torch.inference_mode():
+        network.eval()
+        first = [train_voices.tolist().index(v) for v in range(len(voices))]
+        emb = torch.stack([network(shipped.features(waves[i][:48000].unsqueeze(0)))[1][0] for i in first])
+    unit = torch.nn.functional.normalize
+    nearest = (unit(emb, dim=-1) @ unit(head.weight, dim=-1).T).argmax(-1)
+    assert nearest.tolist() == list(range(len(voices)))
+    with pytest.raises(SystemExit, match="differ from this run"):
+        warm_start(network, head, cfg, list(reversed(corpus.LABELS)), FeatureConfig(), waves, train_voices)

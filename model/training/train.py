@@ -46,9 +46,12 @@ from model.training.calibrate import calibrate, embed_all, known_scores
 from model.training.centre import centre
 from model.training.data import UNLABELLED, Dataset, load_waves, random_crop, scan
 from model.training.metrics import open_set_report, summarise
-from model.weights import Manifest, save
+from model.weights import Manifest, read, save
 
 log = logging.getLogger(__name__)
+
+WARM_START_CLIPS = 2  # clips a voice for its margin-head row under --init
+WARM_START_CROP_S = 3.0  # seconds of each
 
 
 @dataclass
@@ -78,6 +81,7 @@ class TrainConfig:
     centroid_clips: int = 40  # training clips per class for the class centroids
     centre_clips: int = 2  # training clips per voice for the mean (and covariance) folded into the embedding (0: none)
     whiten: bool = False  # fold within-voice whitening in too (model.training.centre; needs about 3 clips a voice)
+    init: str = ""  # weights directory to start from (fine-tuning: more steps, or more voices); "": from scratch
 
 
 def bf16_supported() -> bool:
@@ -165,6 +169,46 @@ class AdditiveAngularMargin(nn.Module):
         phi = torch.where(cos > math.cos(math.pi - m), phi, cos - math.sin(math.pi - m) * m)
         onehot = F.one_hot(target, cos.shape[1]).bool()
         return self.scale * torch.where(onehot, phi, cos)
+
+
+def warm_start(
+    network: ResNet,
+    head: AdditiveAngularMargin,
+    cfg: TrainConfig,
+    labels: list[str],
+    feature_cfg: FeatureConfig,
+    train_waves: list[Tensor],
+    train_voices: Tensor,
+) -> None:
+    """Start from the weights in ``cfg.init`` (read as safetensors, never unpickled): the network's
+    tensors, and each margin-head row at its voice's mean embedding under them, so that the first
+    steps refine the embedding rather than drag it towards random voice vectors. Weights of
+    another architecture, other classes or another front end are refused."""
+    source, manifest = read(cfg.init)
+    theirs = (manifest.architecture, manifest.labels, manifest.embedding_size, manifest.features)
+    ours = (cfg.arch, labels, cfg.embedding_size, feature_cfg)
+    if theirs != ours:
+        raise SystemExit(
+            f"--init {cfg.init}: (arch, labels, embedding size, features) {theirs} differ from this run's {ours}"
+        )
+    network.load_state_dict(source.state_dict())
+    features = LogMelSpectrogram(feature_cfg)
+    window = int(WARM_START_CROP_S * feature_cfg.sample_rate)
+    sums = torch.zeros_like(head.weight)
+    counts = torch.zeros(len(sums))
+    network.eval()
+    with torch.inference_mode():
+        for i, wave in enumerate(tqdm(train_waves, desc="voice vectors from --init", unit="clip")):
+            v = int(train_voices[i])
+            if counts[v] < WARM_START_CLIPS:
+                _, emb = network(features(wave[:window].unsqueeze(0)))
+                sums[v] += F.normalize(emb[0].float(), dim=0)
+                counts[v] += 1
+    network.train()
+    with torch.no_grad():
+        head.weight.copy_(F.normalize(sums, dim=-1))
+    version, seen = manifest.provenance.get("version", "?"), int((counts > 0).sum())
+    log.info("started from %s (%s); margin head at the mean embedding of %d voices", cfg.init, version, seen)
 
 
 def margin_at(cfg: TrainConfig, step: int, total: int) -> float:
@@ -297,6 +341,8 @@ def train(
     network = build(cfg.arch, num_classes=len(labels), embedding_size=cfg.embedding_size)
     head = AdditiveAngularMargin(cfg.embedding_size, len(voices), cfg.margin_scale, 0.0)
     features = LogMelSpectrogram(feature_cfg)
+    if cfg.init and not (resume and (out_dir / "checkpoint.pt").is_file()):
+        warm_start(network, head, cfg, labels, feature_cfg, train_waves, train_voices)
     augment = SpecAugment(cfg.freq_mask, cfg.time_mask)
     codec_augment = CodecAugment(cfg.codec_share, feature_cfg.sample_rate)
     bf16 = use_bf16(cfg.bf16)
