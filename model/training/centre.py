@@ -20,7 +20,7 @@ centroid accuracy 0.543 -> 0.739.
 What it costs: the directions whitening lengthens are those in which the network's output varies
 least, and the small errors of int8 inference there grow with them. With the same weights, the
 int8 model NNCF makes keeps its first-percentile cosine to fp32 only with both linear layers,
-three multiplies and two adds back in fp32 (``--min-share-cosine 0.995``; 1.47x faster than fp32
+three convolutions and two residual adds back in fp32 (``--min-share-cosine 0.995``; 1.47x faster than fp32
 OpenVINO on a 3 s clip, against 2.04x before whitening). bf16 keeps a cosine of at least 0.999 when the whitened
 weights are folded in (the rounding is applied to the whitened output, not amplified by it); an
 earlier measurement that whitened bf16 *outputs* afterwards found 0.984, an artefact of rounding
