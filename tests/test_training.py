@@ -412,8 +412,8 @@ def test_warm_start_begins_at_the_given_weights_with_each_voice_at_its_clips(tin
     train_voices = torch.tensor([voices.index(it.voice) for it in items])
     network, head = build("resnet18", num_classes=9, embedding_size=256), AdditiveAngularMargin(256, len(voices))
     cfg = TrainConfig(init=str(SHIPPED_WEIGHTS))
-    warm_start(network, head, cfg, corpus.LABELS, FeatureConfig(), waves, train_voices)
     shipped = model.load(SHIPPED_WEIGHTS)
+    warm_start(network, head, cfg, corpus.LABELS, FeatureConfig(), shipped.features, waves, train_voices)
     assert all(torch.equal(network.state_dict()[k], v) for k, v in shipped.network.state_dict().items())
     assert network.training  # handed back ready to train
     # a voice's clip is nearer its own row than any other voice's
@@ -425,4 +425,6 @@ def test_warm_start_begins_at_the_given_weights_with_each_voice_at_its_clips(tin
     nearest = (unit(emb, dim=-1) @ unit(head.weight, dim=-1).T).argmax(-1)
     assert nearest.tolist() == list(range(len(voices)))
     with pytest.raises(SystemExit, match="differ from this run"):
-        warm_start(network, head, cfg, list(reversed(corpus.LABELS)), FeatureConfig(), waves, train_voices)
+        warm_start(
+            network, head, cfg, list(reversed(corpus.LABELS)), FeatureConfig(), shipped.features, waves, train_voices
+        )

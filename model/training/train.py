@@ -177,6 +177,7 @@ def warm_start(
     cfg: TrainConfig,
     labels: list[str],
     feature_cfg: FeatureConfig,
+    features: LogMelSpectrogram,
     train_waves: list[Tensor],
     train_voices: Tensor,
 ) -> None:
@@ -192,22 +193,22 @@ def warm_start(
             f"--init {cfg.init}: (arch, labels, embedding size, features) {theirs} differ from this run's {ours}"
         )
     network.load_state_dict(source.state_dict())
-    features = LogMelSpectrogram(feature_cfg)
     window = int(WARM_START_CROP_S * feature_cfg.sample_rate)
+    picked: dict[int, list[int]] = {}  # voice -> its first WARM_START_CLIPS clips
+    for i, v in enumerate(train_voices.tolist()):
+        if len(picked.setdefault(v, [])) < WARM_START_CLIPS:
+            picked[v].append(i)
     sums = torch.zeros_like(head.weight)
-    counts = torch.zeros(len(sums))
     network.eval()
     with torch.inference_mode():
-        for i, wave in enumerate(tqdm(train_waves, desc="voice vectors from --init", unit="clip")):
-            v = int(train_voices[i])
-            if counts[v] < WARM_START_CLIPS:
-                _, emb = network(features(wave[:window].unsqueeze(0)))
+        for v, clips in tqdm(picked.items(), desc="voice vectors from --init", unit="voice"):
+            for i in clips:
+                _, emb = network(features(train_waves[i][:window].unsqueeze(0)))
                 sums[v] += F.normalize(emb[0].float(), dim=0)
-                counts[v] += 1
     network.train()
     with torch.no_grad():
         head.weight.copy_(F.normalize(sums, dim=-1))
-    version, seen = manifest.provenance.get("version", "?"), int((counts > 0).sum())
+    version, seen = manifest.provenance.get("version", "?"), len(picked)
     log.info("started from %s (%s); margin head at the mean embedding of %d voices", cfg.init, version, seen)
 
 
@@ -342,7 +343,7 @@ def train(
     head = AdditiveAngularMargin(cfg.embedding_size, len(voices), cfg.margin_scale, 0.0)
     features = LogMelSpectrogram(feature_cfg)
     if cfg.init and not (resume and (out_dir / "checkpoint.pt").is_file()):
-        warm_start(network, head, cfg, labels, feature_cfg, train_waves, train_voices)
+        warm_start(network, head, cfg, labels, feature_cfg, features, train_waves, train_voices)
     augment = SpecAugment(cfg.freq_mask, cfg.time_mask)
     codec_augment = CodecAugment(cfg.codec_share, feature_cfg.sample_rate)
     bf16 = use_bf16(cfg.bf16)
