@@ -12,7 +12,7 @@ import torch
 
 from model.training.corpus import LABELS
 from model.training.voices import catalogue
-from tests.conftest import FORMATS, Server, encode, speech, voice_speech, wav_bytes
+from tests.conftest import FORMATS, SHIPPED_WEIGHTS, Server, encode, speech, voice_speech, wav_bytes
 
 # Voices none of the 9 classes, held out of training (the open-set test voices of the catalogue)
 OPEN_TEST_VOICES = [v.label for v in catalogue() if v.role == "open-test"]
@@ -222,7 +222,8 @@ def test_health_ready_model_and_openapi(client):
     assert client.get("/readyz").json() == {"status": "ready"}
     info = client.get("/v1/model").json()
     assert info["labels"] == LABELS and info["embedding_size"] == 256 and info["architecture"] == "resnet18"
-    assert info["features"]["n_mels"] == 80 and len(info["sha256"]) == 64
+    shipped = json.loads((SHIPPED_WEIGHTS / "manifest.json").read_text())
+    assert info["features"] == shipped["features"] and info["sha256"] == shipped["sha256"]
     assert -1 <= info["verification_threshold"] <= 1 and -1 <= info["known_threshold"] <= 1
     assert "open-set validation voices" in info["metrics"]["calibration"]["verification"]["source"]
     spec = client.get("/openapi.json").json()

@@ -413,7 +413,8 @@ def test_warm_start_begins_at_the_given_weights_with_each_voice_at_its_clips(tin
     network, head = build("resnet18", num_classes=9, embedding_size=256), AdditiveAngularMargin(256, len(voices))
     cfg = TrainConfig(init=str(SHIPPED_WEIGHTS))
     shipped = model.load(SHIPPED_WEIGHTS)
-    warm_start(network, head, cfg, corpus.LABELS, FeatureConfig(), shipped.features, waves, train_voices)
+    front_end = shipped.manifest.features
+    warm_start(network, head, cfg, corpus.LABELS, front_end, shipped.features, waves, train_voices)
     assert all(torch.equal(network.state_dict()[k], v) for k, v in shipped.network.state_dict().items())
     assert network.training  # handed back ready to train
     # a voice's clip is nearer its own row than any other voice's
@@ -425,6 +426,4 @@ def test_warm_start_begins_at_the_given_weights_with_each_voice_at_its_clips(tin
     nearest = (unit(emb, dim=-1) @ unit(head.weight, dim=-1).T).argmax(-1)
     assert nearest.tolist() == list(range(len(voices)))
     with pytest.raises(SystemExit, match="differ from this run"):
-        warm_start(
-            network, head, cfg, list(reversed(corpus.LABELS)), FeatureConfig(), shipped.features, waves, train_voices
-        )
+        warm_start(network, head, cfg, list(reversed(corpus.LABELS)), front_end, shipped.features, waves, train_voices)

@@ -140,7 +140,8 @@ def quantize(
     compiled = compile_openvino(quantized, "fp32", threads)
     cos = cosines(embeddings(compiled, val), reference)
     kept = fp32_layers(quantized)
-    three_s = np.zeros((1, 1, model.manifest.features.n_mels, 301), dtype=np.float32) + val[0].mean()
+    frames = model.features.num_frames(3 * model.sample_rate)  # a 3 s clip, whatever the front end's hop
+    three_s = np.zeros((1, 1, model.manifest.features.n_mels, frames), dtype=np.float32) + val[0].mean()
     speed = per_clip_seconds(fp32, three_s) / per_clip_seconds(compiled, three_s)
 
     ov.save_model(quantized, str(weights_dir / INT8_XML), compress_to_fp16=False)

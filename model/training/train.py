@@ -570,11 +570,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=f"default {value}")
         else:
             parser.add_argument(flag, type=type(value), default=value, help=f"default {value}")
-    parser.add_argument("--n-mels", type=int, default=FeatureConfig.n_mels)
+    parser.add_argument("--n-mels", type=int, default=FeatureConfig.n_mels, help="mel bands of the front end")
+    parser.add_argument("--hop-ms", type=float, default=FeatureConfig.hop_ms, help="frame hop of the front end")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = TrainConfig(**{name: getattr(args, name) for name in asdict(defaults)})
-    train(args.data, args.out, cfg, FeatureConfig(n_mels=args.n_mels), args.resume, args.stop_after)
+    train(args.data, args.out, cfg, FeatureConfig(n_mels=args.n_mels, hop_ms=args.hop_ms), args.resume, args.stop_after)
     return 0
 
 
