@@ -16,7 +16,12 @@ EXTRA_PER_VOICE ?= 12
 OPEN_PER_VOICE ?= 12
 SEED ?= 0
 EPOCHS ?= 10
-STEPS ?= 100
+STEPS ?= 300
+# The recipe of run 2026.12.01.1 (docs/training.md; better than the shipped weights, not shipped
+# because its int8 model missed the parity bar): a 64-band front end with a 20 ms hop, 0.4 of the
+# 80-band, 10 ms one's pixels, so that 3000 steps take 87 min on 2 AVX-512 cores; SpecAugment's
+# masks in the same proportion; within-voice whitening folded in at the end.
+TRAIN_RECIPE ?= --n-mels 64 --hop-ms 20 --freq-mask 8 --time-mask 8 --whiten --centre-clips 3 --patience 10
 # TRAIN_ARGS=--resume continues $(RUN)/checkpoint.pt; TRAIN_ARGS="--stop-after N" ends after N epochs
 TRAIN_ARGS ?=
 SYSTEM_PACKAGES := flite festival festvox-kdlpc16k espeak-ng sox ffmpeg nginx postgresql chromium
@@ -75,7 +80,7 @@ corpus-unseen: $(STAMP) system-deps ## fresh sentences in recording conditions t
 
 train: $(STAMP) ## train ResNet18 on $(DATA), write $(RUN)/weights (TRAIN_ARGS=--resume to continue)
 	$(PY) -m model.training.train --data $(DATA) --arch resnet18 --out $(RUN) --epochs $(EPOCHS) \
-		--steps-per-epoch $(STEPS) --seed $(SEED) $(TRAIN_ARGS)
+		--steps-per-epoch $(STEPS) --seed $(SEED) $(TRAIN_RECIPE) $(TRAIN_ARGS)
 
 quantize: $(STAMP) ## make the int8 model of $(WEIGHTS_DIR), calibrated on $(DATA) (PRECISION=int8 serves it)
 	$(PY) -m model.training.quantize $(WEIGHTS_DIR) $(DATA)

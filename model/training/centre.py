@@ -25,8 +25,8 @@ OpenVINO on a 3 s clip, against 2.04x before whitening). bf16 keeps a cosine of 
 weights are folded in (the rounding is applied to the whitened output, not amplified by it); an
 earlier measurement that whitened bf16 *outputs* afterwards found 0.984, an artefact of rounding
 before the transform. Cutting the least-varying directions instead of lengthening them gives up
-most of the gain. The shipped weights are whitened (2026.11.29.4); training whitens only when
-asked (``--whiten``), centring is always on where it helps.
+most of the gain. The shipped weights are whitened (since 2026.11.29.4); training whitens only
+when asked (``--whiten``, which ``make train`` passes), centring is always on where it helps.
 
 Rather than a scoring step that every user of ``/embed`` would have to know about, both are
 folded into the network: the fc layer's weight and bias become ``A W`` and ``A (b - mean)``, so
