@@ -6,6 +6,7 @@ Screenshots of each state go to runs/ui/.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from model.training.corpus import LABELS
-from tests.conftest import ROOT, Server, speech, wav_bytes
+from tests.conftest import ROOT, SHIPPED_WEIGHTS, Server, speech, wav_bytes
 
 SHOTS = ROOT / "runs" / "ui"
 WAIT_MS = 60_000  # a bound for each answer (the first clip of a fresh server is the slowest)
@@ -93,7 +94,8 @@ def test_choose_a_file_shows_its_label_probabilities_and_spectrogram(page: Page,
                    for (let i = 0; i < d.length; i += 4) seen.add(d[i] * 65536 + d[i+1] * 256 + d[i+2]);
                    return {w: c.width, h: c.height, colours: seen.size}; }"""
     )
-    assert drawn["h"] == 80 and drawn["w"] > 100 and drawn["colours"] > 50, drawn
+    n_mels = json.loads((SHIPPED_WEIGHTS / "manifest.json").read_text())["features"]["n_mels"]
+    assert drawn["h"] == n_mels and drawn["w"] > 100 and drawn["colours"] > 50, drawn
     page.screenshot(path=SHOTS / "classify.png", full_page=True)
 
 
