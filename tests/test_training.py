@@ -22,7 +22,7 @@ from model.training.centre import fold_affine, whitening
 from model.training.centre import main as centre_main
 from model.training.data import load_waves, scan
 from model.training.evaluate import evaluate, evaluate_open_set
-from model.training.metrics import leave_one_out_centroid, min_dcf, open_set_report
+from model.training.metrics import leave_one_out_centroid, min_dcf, open_set_report, threshold_at_far
 from model.training.train import (
     CODEC_SETTINGS,
     AdditiveAngularMargin,
@@ -266,6 +266,16 @@ def test_open_set_metrics_on_known_scores():
     # minDCF: one target trial scored below one non-target trial
     scores, target = torch.tensor([0.9, 0.5, 0.6, 0.1]), torch.tensor([True, True, False, False])
     assert min_dcf(scores, target, p_target=0.5) == pytest.approx(0.5)  # best: miss 1 of 2 targets, no false accept
+    # the verification threshold: the lowest score that accepts at most that share of different voices
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.4, 0.3, 0.2, 0.1])
+    target = torch.tensor([True, True, False, False, True, False, False])
+    assert threshold_at_far(scores, target, 0.0) == pytest.approx((0.8, 0.0, 1 / 3))
+    assert threshold_at_far(scores, target, 0.25) == pytest.approx((0.7, 0.25, 1 / 3))
+    assert threshold_at_far(scores, target, 0.5) == pytest.approx((0.3, 0.5, 0.0))
+    top, far, frr = threshold_at_far(torch.tensor([0.6, 0.5]), torch.tensor([False, True]), 0.01)
+    assert top > 0.6 and (far, frr) == (0.0, 1.0)
+    report = open_set_report(emb, labels, target_far=0.01)
+    assert report["far"] <= 0.01 and report["far_threshold"] >= report["eer_threshold"]
 
 
 def test_spec_augment_masks_each_item_differently():
@@ -330,7 +340,9 @@ def test_train_cli_writes_loadable_weights_report_and_resumes(tiny_corpus, tmp_p
     assert {"val_accuracy", "val_eer", "open_val_eer", "test_accuracy", "test_eer", "open_set_test"} <= set(
         loaded.manifest.metrics
     )
-    assert "open-set validation voices" in loaded.manifest.metrics["calibration"]["verification"]["source"]
+    verification = loaded.manifest.metrics["calibration"]["verification"]
+    assert "open-set validation voices" in verification["source"] and verification["target_far"] == 0.01
+    assert verification["far"] <= 0.01 and 0 <= verification["frr"] <= 1 and 0 <= verification["eer"] <= 1
     # the training voices' mean is folded in only where it lowered the open-set validation EER
     centring = loaded.manifest.metrics["centring"]
     assert centring["applied"] == (centring["open_val_eer_after"] < centring["open_val_eer_before"])

@@ -1,15 +1,18 @@
 """Calibrate a weights directory on a corpus: the verification threshold, the class centroids and
 the known-voice threshold, all from validation data (never from test voices).
 
-    python -m model.training.calibrate WEIGHTS_DIR DATA_DIR [--centroid-clips N] [--max-s S]
+    python -m model.training.calibrate WEIGHTS_DIR DATA_DIR [--centroid-clips N] [--max-s S] [--target-far F]
 
-``/verify``'s threshold is the cosine at the equal error rate over all pairs of the open-set
-validation voices (voices never trained on), because that is what users compare. Each class's
+``/verify``'s threshold is the lowest cosine at which at most 1 % (``--target-far``) of the
+different-voice pairs of the open-set validation voices (voices never trained on, because that is
+what users compare) are accepted: a verification service is judged by how rarely it calls two
+people one, and the equal error rate's threshold (kept in the manifest's metrics) accepted a few
+per cent of them, concentrated on the most alike voices. Each class's
 centroid is the normalised mean of the normalised embeddings of up to ``N`` of its training clips;
 ``/classify`` calls a clip one of the classes when its cosine to the nearest centroid reaches the
 known-voice threshold, set at the equal error rate between the classes' validation clips and the
 open-set validation voices' clips. Without open-set voices in the corpus, the verification
-threshold comes from the classes' validation split and there are no centroids. Training
+threshold comes from the pairs of the classes' validation split and there are no centroids. Training
 (``model.training.train``) calibrates its weights this way; this command recalibrates existing
 weights on another corpus and rewrites their manifest (the tensors are not touched).
 """
@@ -29,10 +32,12 @@ from torch import Tensor
 
 from model.runtime import EmbeddingModel, load
 from model.training.data import UNLABELLED, Dataset, load_waves, scan
-from model.training.metrics import eer_of_scores, open_set_report, summarise
+from model.training.metrics import all_pairs, eer_of_scores, open_set_report, threshold_at_far
 from model.weights import WeightsError, write_manifest
 
 log = logging.getLogger(__name__)
+
+TARGET_FAR = 0.01  # the share of different-voice pairs that /verify's threshold accepts
 
 
 @torch.inference_mode()
@@ -79,21 +84,35 @@ def calibrate(
     centroid_classes: list[int],
     centroid_clips: int,
     max_s: float,
+    target_far: float = TARGET_FAR,
 ) -> Calibration:
     val_items, open_val_items = dataset.split("val"), dataset.split("open-val")
     val_logits, val_emb = embed_all(model, val_waves, max_s)
     info: dict[str, Any] = {}
     if not open_val_items:
-        val = summarise(val_logits, val_emb, torch.tensor([it.label for it in val_items]), dataset.labels)
-        info["verification"] = {"source": "validation split of the classes, all pairs, at the EER"}
-        return Calibration(val["eer_threshold"], None, None, info, val_logits, val_emb)
+        scores, same = all_pairs(val_emb, torch.tensor([it.label for it in val_items]))
+        threshold, far, frr = threshold_at_far(scores, same, target_far)
+        info["verification"] = {
+            "source": f"validation split of the classes, all pairs, accepting at most {target_far:.1%} of "
+            "different-voice pairs",
+            "target_far": target_far,
+            "far": far,
+            "frr": frr,
+            "eer": eer_of_scores(scores, same)[0],
+        }
+        return Calibration(threshold, None, None, info, val_logits, val_emb)
     _, open_val_emb = embed_all(model, open_val_waves, max_s)
-    open_val = open_set_report(open_val_emb, [it.voice for it in open_val_items])
+    open_val = open_set_report(open_val_emb, [it.voice for it in open_val_items], target_far=target_far)
     info["verification"] = {
-        "source": "open-set validation voices (never trained on), all pairs, at the EER",
+        "source": f"open-set validation voices (never trained on), all pairs, accepting at most {target_far:.1%} "
+        "of different-voice pairs",
         "voices": open_val["voices"],
         "clips": open_val["clips"],
+        "target_far": target_far,
+        "far": open_val["far"],
+        "frr": open_val["frr_at_far_threshold"],
         "eer": open_val["eer"],
+        "eer_threshold": open_val["eer_threshold"],
     }
     centroids = class_centroids(model, centroid_waves, centroid_classes, centroid_clips, max_s)
     known, unknown = known_scores(val_emb, centroids), known_scores(open_val_emb, centroids)
@@ -105,7 +124,7 @@ def calibrate(
         "centroid_clips_per_class": centroid_clips,
         "eer": known_eer,
     }
-    return Calibration(open_val["eer_threshold"], centroids, known_threshold, info, val_logits, val_emb)
+    return Calibration(open_val["far_threshold"], centroids, known_threshold, info, val_logits, val_emb)
 
 
 def matching_corpus(model: EmbeddingModel, data_dir: Path) -> Dataset:
@@ -116,7 +135,9 @@ def matching_corpus(model: EmbeddingModel, data_dir: Path) -> Dataset:
     return dataset
 
 
-def calibrate_on_corpus(model: EmbeddingModel, dataset: Dataset, centroid_clips: int, max_s: float) -> Calibration:
+def calibrate_on_corpus(
+    model: EmbeddingModel, dataset: Dataset, centroid_clips: int, max_s: float, target_far: float = TARGET_FAR
+) -> Calibration:
     """:func:`calibrate` on a corpus's validation, open-set validation and (for the centroids,
     ``centroid_clips`` per class) training clips."""
     sr = model.sample_rate
@@ -131,6 +152,7 @@ def calibrate_on_corpus(model: EmbeddingModel, dataset: Dataset, centroid_clips:
         [it.label for it in chosen],
         centroid_clips,
         max_s,
+        target_far,
     )
 
 
@@ -149,11 +171,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("data_dir", type=Path)
     parser.add_argument("--centroid-clips", type=int, default=40, help="training clips per class for its centroid")
     parser.add_argument("--max-s", type=float, default=8.0, help="seconds of each clip used")
+    parser.add_argument(
+        "--target-far",
+        type=float,
+        default=TARGET_FAR,
+        help="share of different-voice pairs the verification threshold accepts",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         model = load(args.weights_dir)
-        cal = calibrate_on_corpus(model, matching_corpus(model, args.data_dir), args.centroid_clips, args.max_s)
+        if not 0 < args.target_far < 1:
+            raise ValueError(f"--target-far must be between 0 and 1, not {args.target_far}")
+        dataset = matching_corpus(model, args.data_dir)
+        cal = calibrate_on_corpus(model, dataset, args.centroid_clips, args.max_s, args.target_far)
     except (WeightsError, ValueError) as exc:
         log.error("error: %s", exc)
         return 2

@@ -39,6 +39,17 @@ def eer_of_scores(scores: Tensor, target: Tensor) -> tuple[float, float]:
     return float((far[k] + frr[k]) / 2), float(s[k])
 
 
+def threshold_at_far(scores: Tensor, target: Tensor, far: float) -> tuple[float, float, float]:
+    """The lowest threshold (one of the scores) that accepts at most ``far`` of the non-target
+    trials, with the false-accept and false-reject rates there: ``(threshold, far, frr)``."""
+    rates, misses, s = error_rates(scores, target)
+    within = (rates <= far).nonzero()
+    if not len(within):  # the top score is a different-voice pair: only a threshold above it will do
+        return float(torch.nextafter(s[0], torch.tensor(2.0, dtype=s.dtype))), 0.0, 1.0
+    k = int(within.max())
+    return float(s[k]), float(rates[k]), float(misses[k])
+
+
 def min_dcf(scores: Tensor, target: Tensor, p_target: float = 0.01, c_miss: float = 1.0, c_fa: float = 1.0) -> float:
     """Minimum normalised detection cost (NIST SRE): min over thresholds of
     ``c_miss * P_miss * p_target + c_fa * P_fa * (1 - p_target)``, over the cost of the better
@@ -94,15 +105,21 @@ def condition_tags(conditions: dict[str, Any]) -> list[str]:
 
 
 def open_set_report(
-    embeddings: Tensor, voices: list[str], conditions: list[dict[str, Any]] | None = None, p_target: float = 0.01
+    embeddings: Tensor,
+    voices: list[str],
+    conditions: list[dict[str, Any]] | None = None,
+    p_target: float = 0.01,
+    target_far: float = 0.01,
 ) -> dict[str, Any]:
-    """Verification and identification among voices: EER and minDCF over all pairs,
-    leave-one-out nearest-centroid accuracy, and the same per recording condition (pairs with at
-    least one clip in that condition; accuracy of the clips in it)."""
+    """Verification and identification among voices: EER and minDCF over all pairs, the threshold
+    that accepts ``target_far`` of the different-voice pairs and the share of same-voice pairs it
+    rejects, leave-one-out nearest-centroid accuracy, and the same per recording condition (pairs
+    with at least one clip in that condition; accuracy of the clips in it)."""
     names = sorted(set(voices))
     labels = torch.tensor([names.index(v) for v in voices])
     scores, same = all_pairs(embeddings, labels)
     eer, threshold = eer_of_scores(scores, same)
+    far_threshold, far, frr = threshold_at_far(scores, same, target_far)
     hits = leave_one_out_centroid(embeddings, labels)
     per_voice = torch.bincount(labels)
     report: dict[str, Any] = {
@@ -111,6 +128,9 @@ def open_set_report(
         "min_clips_per_voice": int(per_voice.min()),
         "eer": eer,
         "eer_threshold": threshold,
+        "far_threshold": far_threshold,
+        "far": far,
+        "frr_at_far_threshold": frr,
         "min_dcf": min_dcf(scores, same, p_target),
         "p_target": p_target,
         "centroid_accuracy": float(hits.float().mean()),

@@ -12,8 +12,8 @@ from it), validation every epoch (9-class accuracy and EER, and the EER among he
 validation voices), early stopping, bf16 autocast where the CPU supports it. At the end, the
 training voices' mean embedding is folded into the network where that lowers the open-set
 validation EER (``model.training.centre``). Writes ``OUT/weights/`` (metrics, the verification
-threshold calibrated at the open-set validation EER, the class centroids and the known-voice
-threshold in the manifest) and a report:
+threshold calibrated to accept 1 % of the open-set validation voices' different-voice pairs, the
+class centroids and the known-voice threshold in the manifest) and a report:
 ``OUT/report/{curves,confusion}.png`` and ``summary.json``.
 """
 
