@@ -402,7 +402,7 @@ def test_shipped_weights_load_and_pass_every_check(shipped):
     assert shipped.manifest.architecture == "resnet18"
     assert shipped.labels == corpus.LABELS
     assert shipped.manifest.embedding_size == 256 and shipped.sample_rate == 16000
-    assert shipped.manifest.features.n_mels == 80
+    assert (shipped.manifest.features.n_mels, shipped.manifest.features.hop_ms) == (64, 20.0)  # make train's recipe
     m = shipped.manifest.metrics
     assert m["test_accuracy"] >= 0.98 and m["test_eer"] <= 0.02
 
