@@ -17,10 +17,9 @@ OPEN_PER_VOICE ?= 12
 SEED ?= 0
 EPOCHS ?= 10
 STEPS ?= 300
-# The recipe of run 2026.12.01.1 (docs/training.md; better than the shipped weights, not shipped
-# because its int8 model missed the parity bar): a 64-band front end with a 20 ms hop, 0.4 of the
-# 80-band, 10 ms one's pixels, so that 3000 steps take 87 min on 2 AVX-512 cores; SpecAugment's
-# masks in the same proportion; within-voice whitening folded in at the end.
+# The recipe of the shipped weights, run 2026.12.01.1 (docs/training.md): a 64-band front end with
+# a 20 ms hop, 0.4 of the 80-band, 10 ms one's pixels, so that 3000 steps take 87 min on 2 AVX-512
+# cores; SpecAugment's masks in the same proportion; within-voice whitening folded in at the end.
 TRAIN_RECIPE ?= --n-mels 64 --hop-ms 20 --freq-mask 8 --time-mask 8 --whiten --centre-clips 3 --patience 10
 # TRAIN_ARGS=--resume continues $(RUN)/checkpoint.pt; TRAIN_ARGS="--stop-after N" ends after N epochs
 TRAIN_ARGS ?=
