@@ -32,7 +32,7 @@ from torch import Tensor
 
 from model.runtime import EmbeddingModel, load
 from model.training.data import UNLABELLED, Dataset, load_waves, scan
-from model.training.metrics import all_pairs, eer_of_scores, open_set_report, threshold_at_far
+from model.training.metrics import all_pairs, eer_of_scores, open_set_report, verification_figures
 from model.weights import WeightsError, write_manifest
 
 log = logging.getLogger(__name__)
@@ -89,31 +89,25 @@ def calibrate(
     val_items, open_val_items = dataset.split("val"), dataset.split("open-val")
     val_logits, val_emb = embed_all(model, val_waves, max_s)
     info: dict[str, Any] = {}
-    if not open_val_items:
-        scores, same = all_pairs(val_emb, torch.tensor([it.label for it in val_items]))
-        threshold, far, frr = threshold_at_far(scores, same, target_far)
-        info["verification"] = {
-            "source": f"validation split of the classes, all pairs, accepting at most {target_far:.1%} of "
-            "different-voice pairs",
-            "target_far": target_far,
-            "far": far,
-            "frr": frr,
-            "eer": eer_of_scores(scores, same)[0],
-        }
-        return Calibration(threshold, None, None, info, val_logits, val_emb)
-    _, open_val_emb = embed_all(model, open_val_waves, max_s)
-    open_val = open_set_report(open_val_emb, [it.voice for it in open_val_items], target_far=target_far)
+    if open_val_items:
+        _, open_val_emb = embed_all(model, open_val_waves, max_s)
+        open_val = open_set_report(open_val_emb, [it.voice for it in open_val_items], target_far=target_far)
+        figures, source = open_val, "open-set validation voices (never trained on)"
+        counted = {"voices": open_val["voices"], "clips": open_val["clips"]}
+    else:
+        figures = verification_figures(*all_pairs(val_emb, torch.tensor([it.label for it in val_items])), target_far)
+        source, counted = "validation split of the classes", {}
     info["verification"] = {
-        "source": f"open-set validation voices (never trained on), all pairs, accepting at most {target_far:.1%} "
-        "of different-voice pairs",
-        "voices": open_val["voices"],
-        "clips": open_val["clips"],
+        "source": f"{source}, all pairs, accepting at most {target_far:.1%} of different-voice pairs",
+        **counted,
         "target_far": target_far,
-        "far": open_val["far"],
-        "frr": open_val["frr_at_far_threshold"],
-        "eer": open_val["eer"],
-        "eer_threshold": open_val["eer_threshold"],
+        "far": figures["far"],
+        "frr": figures["frr_at_far_threshold"],
+        "eer": figures["eer"],
+        "eer_threshold": figures["eer_threshold"],
     }
+    if not open_val_items:
+        return Calibration(figures["far_threshold"], None, None, info, val_logits, val_emb)
     centroids = class_centroids(model, centroid_waves, centroid_classes, centroid_clips, max_s)
     known, unknown = known_scores(val_emb, centroids), known_scores(open_val_emb, centroids)
     target = torch.cat([torch.ones(len(known), dtype=torch.bool), torch.zeros(len(unknown), dtype=torch.bool)])
@@ -124,7 +118,7 @@ def calibrate(
         "centroid_clips_per_class": centroid_clips,
         "eer": known_eer,
     }
-    return Calibration(open_val["far_threshold"], centroids, known_threshold, info, val_logits, val_emb)
+    return Calibration(figures["far_threshold"], centroids, known_threshold, info, val_logits, val_emb)
 
 
 def matching_corpus(model: EmbeddingModel, data_dir: Path) -> Dataset:

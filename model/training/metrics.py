@@ -50,6 +50,20 @@ def threshold_at_far(scores: Tensor, target: Tensor, far: float) -> tuple[float,
     return float(s[k]), float(rates[k]), float(misses[k])
 
 
+def verification_figures(scores: Tensor, target: Tensor, target_far: float = 0.01) -> dict[str, float]:
+    """The EER and its threshold, and the threshold that accepts at most ``target_far`` of the
+    non-target trials with its false-accept and false-reject rates."""
+    eer, eer_threshold = eer_of_scores(scores, target)
+    far_threshold, far, frr = threshold_at_far(scores, target, target_far)
+    return {
+        "eer": eer,
+        "eer_threshold": eer_threshold,
+        "far_threshold": far_threshold,
+        "far": far,
+        "frr_at_far_threshold": frr,
+    }
+
+
 def min_dcf(scores: Tensor, target: Tensor, p_target: float = 0.01, c_miss: float = 1.0, c_fa: float = 1.0) -> float:
     """Minimum normalised detection cost (NIST SRE): min over thresholds of
     ``c_miss * P_miss * p_target + c_fa * P_fa * (1 - p_target)``, over the cost of the better
@@ -118,19 +132,13 @@ def open_set_report(
     names = sorted(set(voices))
     labels = torch.tensor([names.index(v) for v in voices])
     scores, same = all_pairs(embeddings, labels)
-    eer, threshold = eer_of_scores(scores, same)
-    far_threshold, far, frr = threshold_at_far(scores, same, target_far)
     hits = leave_one_out_centroid(embeddings, labels)
     per_voice = torch.bincount(labels)
     report: dict[str, Any] = {
         "clips": len(voices),
         "voices": len(names),
         "min_clips_per_voice": int(per_voice.min()),
-        "eer": eer,
-        "eer_threshold": threshold,
-        "far_threshold": far_threshold,
-        "far": far,
-        "frr_at_far_threshold": frr,
+        **verification_figures(scores, same, target_far),
         "min_dcf": min_dcf(scores, same, p_target),
         "p_target": p_target,
         "centroid_accuracy": float(hits.float().mean()),
