@@ -53,10 +53,14 @@ class ClassifyResponse(BaseModel):
     known: bool | None = Field(
         None,
         description="whether the voice matches one of the classes: false means it is none of them, whatever "
-        "'label' says (the cosine to the nearest class centroid is below known_threshold, calibrated on voices "
-        "never trained on); absent for weights without class centroids",
+        "'label' says (known_score is below known_threshold, calibrated on voices never trained on); absent for "
+        "weights without class centroids",
     )
-    known_score: float | None = Field(None, description="cosine of the embedding to the nearest class centroid")
+    known_score: float | None = Field(
+        None,
+        description="cosine of the embedding to the nearest class centroid, less the mean cosine to its nearest few "
+        "background voices (voices outside the classes that the network was trained on) where the weights have them",
+    )
     known_threshold: float | None = Field(None, description="known_score at or above this: one of the classes")
     duration_s: float
     processing: Processing

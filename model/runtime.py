@@ -140,6 +140,7 @@ class EmbeddingModel:
         self.backend = "torch"
         self._compiled: OpenVINONetwork | None = None
         self._centroids: Tensor | None = None
+        self._cohort: tuple[Tensor, Tensor] | None = None  # (manifest.cohort it was made from, unit rows)
 
     def configure(self, precision: str = "fp32", channels_last: bool = False, backend: str = "torch") -> EmbeddingModel:
         """Choose the execution. ``int8`` runs the weights' int8 model on OpenVINO (``auto`` picks
@@ -177,17 +178,21 @@ class EmbeddingModel:
         return self.manifest.labels
 
     def nearest_class(self, embedding: Tensor) -> tuple[int, float, bool] | None:
-        """Open-set check: the class whose centroid is nearest by cosine, that cosine, and whether
-        it reaches the calibrated ``known_threshold`` (False: the voice is none of the classes).
-        None for weights without centroids."""
+        """Open-set check: the class whose centroid is nearest by cosine, the known-voice score
+        (:func:`open_set_scores`) and whether it reaches the calibrated ``known_threshold``
+        (False: the voice is none of the classes). None for weights without centroids."""
         m = self.manifest
         if m.class_centroids is None or m.known_threshold is None:
             return None
         if self._centroids is None:
             self._centroids = F.normalize(torch.tensor(m.class_centroids, dtype=torch.float32), dim=-1)
-        scores = self._centroids @ F.normalize(embedding.float().reshape(-1), dim=0)
-        best = int(scores.argmax())
-        return best, float(scores[best]), float(scores[best]) >= m.known_threshold
+        cohort, top = None, 0
+        if m.cohort is not None and m.known_cohort is not None:
+            if self._cohort is None or self._cohort[0] is not m.cohort:
+                self._cohort = (m.cohort, F.normalize(m.cohort.float(), dim=-1))
+            cohort, top = self._cohort[1], int(m.known_cohort["top"])
+        index, score = open_set_scores(embedding.reshape(1, -1), self._centroids, cohort, top)
+        return int(index[0]), float(score[0]), float(score[0]) >= m.known_threshold
 
     def prepare(self, audio: Audio) -> Tensor:
         """Decoded audio (any rate, any channel count) -> mono waveform at the model's rate."""
@@ -248,6 +253,21 @@ class EmbeddingModel:
     def infer(self, wave: Tensor, window_s: float = 20.0, batch_windows: int = 4) -> Inference:
         """One clip at the model's rate -> logits and embedding averaged over its windows."""
         return self.infer_many([wave], window_s, batch_windows)[0]
+
+
+def open_set_scores(
+    embeddings: Tensor, centroids: Tensor, cohort: Tensor | None = None, top: int = 0
+) -> tuple[Tensor, Tensor]:
+    """For each embedding (rows): the nearest class centroid and the known-voice score, its
+    cosine to that centroid, less, given a cohort, the mean cosine of its ``top`` nearest cohort
+    voices (test-side cohort normalisation, as in adaptive s-norm: clips in noise or through a
+    codec score lower against every voice, and an unknown voice is usually nearer some training
+    voice than any class). ``centroids`` and ``cohort`` have unit rows."""
+    e = F.normalize(embeddings.float(), dim=-1)
+    score, index = (e @ centroids.T).max(-1)
+    if cohort is not None:
+        score = score - (e @ cohort.T).topk(top, dim=-1).values.mean(-1)
+    return index, score
 
 
 def load(path: str | Path) -> EmbeddingModel:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 import safetensors
 import safetensors.torch
+import torch
 from torch import Tensor
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 TENSORS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
+COHORT_FILE = "cohort.safetensors"  # the open-set check's background voices (Manifest.cohort)
+COHORT_TENSOR = "embeddings"
 
 
 class WeightsError(ValueError):
@@ -54,6 +58,14 @@ class Manifest:
     # converted from a seed checkpoint have neither.
     class_centroids: list[list[float]] | None = None
     known_threshold: float | None = None
+    # Optional, with the centroids: the mean embeddings (unit rows, voices x embedding_size) of
+    # voices outside the classes that the network was trained on, in ``cohort.safetensors`` beside
+    # the manifest. With them the known-voice score is the nearest centroid's cosine less the mean
+    # cosine of the ``known_cohort["top"]`` nearest of these voices (``model.runtime.open_set_scores``).
+    # ``known_cohort`` is the manifest's entry (file, sha256, voices, top); ``cohort`` the tensor,
+    # read by :func:`read` and written by :func:`write_manifest`, never part of the JSON.
+    known_cohort: dict[str, Any] | None = None
+    cohort: Tensor | None = field(default=None, repr=False, compare=False)
     # Optional int8 model made from these weights by ``python -m model.training.quantize``: an
     # OpenVINO IR (``model``: .xml, ``weights``: .bin, beside the manifest) named with their
     # sha256s, the sha256 of the tensors it was made from, and what the quantisation measured.
@@ -84,6 +96,7 @@ class Manifest:
             "verification_threshold": self.verification_threshold,
             "known_threshold": self.known_threshold,
             "class_centroids": self.class_centroids,
+            **({"known_cohort": self.known_cohort} if self.known_cohort is not None else {}),
             "provenance": self.provenance,
             "metrics": self.metrics,
             **({"int8": self.int8} if self.int8 is not None else {}),
@@ -122,7 +135,11 @@ class Manifest:
                 f"sample_rate {data['sample_rate']} disagrees with features.sample_rate {features.sample_rate}"
             )
         threshold = _cosine_or_none(data, "verification_threshold")
-        known_threshold = _cosine_or_none(data, "known_threshold")
+        cohort = data.get("known_cohort")
+        if cohort is not None:
+            _check_cohort(cohort, data.get("class_centroids") is not None)
+        # a cosine, or with a cohort a difference of two cosines
+        known_threshold = _cosine_or_none(data, "known_threshold", 1 if cohort is None else 2)
         centroids = data.get("class_centroids")
         if centroids is not None:
             rows_ok = isinstance(centroids, list) and len(centroids) == data["num_classes"]
@@ -152,11 +169,53 @@ class Manifest:
             metrics=dict(data.get("metrics") or {}),
             class_centroids=None if centroids is None else [[float(x) for x in row] for row in centroids],
             known_threshold=known_threshold,
+            known_cohort=None if cohort is None else dict(cohort),
             int8=None if int8 is None else dict(int8),
         )
 
 
 INT8_FILES = {"model": ".xml", "weights": ".bin"}
+
+
+def _check_cohort(entry: Any, has_centroids: bool) -> None:
+    if not isinstance(entry, dict):
+        raise ValueError("known_cohort must be an object")
+    if not has_centroids:
+        raise ValueError("known_cohort needs class_centroids")
+    if entry.get("file") != COHORT_FILE:
+        raise ValueError(f"known_cohort.file must be {COHORT_FILE!r} (beside the manifest), got {entry.get('file')!r}")
+    digest = entry.get("sha256")
+    if not isinstance(digest, str) or len(digest) != 64:
+        raise ValueError("known_cohort.sha256 must be a sha256 hex digest")
+    voices, top = entry.get("voices"), entry.get("top")
+    for key, value in (("voices", voices), ("top", top)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"known_cohort.{key} must be a positive integer, got {value!r}")
+    assert isinstance(voices, int) and isinstance(top, int)
+    if top > voices:
+        raise ValueError(f"known_cohort.top ({top}) is more than its {voices} voices")
+
+
+def read_cohort(root: Path, manifest: Manifest) -> Tensor | None:
+    """The background voices the manifest names (as stored: float16), checked against its sha256 and
+    shape; None for weights without them. Raises :class:`WeightsError`."""
+    entry = manifest.known_cohort
+    if entry is None:
+        return None
+    path = root / COHORT_FILE
+    if not path.is_file():
+        raise WeightsError(f"{path}: missing (the manifest's known_cohort)")
+    if file_sha256(path) != entry["sha256"]:
+        raise WeightsError(f"{path}: sha256 does not match the manifest (file corrupted or replaced)")
+    try:
+        tensors = safetensors.torch.load_file(str(path), device="cpu")
+    except (safetensors.SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(f"{path}: unreadable safetensors file ({exc})") from None
+    cohort = tensors.get(COHORT_TENSOR)
+    shape = (entry["voices"], manifest.embedding_size)
+    if cohort is None or tuple(cohort.shape) != shape or not bool(cohort.float().isfinite().all()):
+        raise WeightsError(f"{path}: expected a finite {COHORT_TENSOR!r} tensor of shape {shape}")
+    return cohort
 
 
 def _check_int8(entry: Any) -> None:
@@ -194,13 +253,23 @@ def int8_model_path(root: Path | None, manifest: Manifest) -> Path:
     return root / str(entry["model"])
 
 
-def _cosine_or_none(data: dict[str, Any], key: str) -> float | None:
+def _cosine_or_none(data: dict[str, Any], key: str, bound: float = 1) -> float | None:
     value = data.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not -1 <= value <= 1:
-        raise ValueError(f"{key} must be a cosine in [-1, 1], got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not -bound <= value <= bound:
+        what = "a cosine" if bound == 1 else "a difference of cosines"
+        raise ValueError(f"{key} must be {what} in [-{bound:g}, {bound:g}], got {value!r}")
     return float(value)
+
+
+def _save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
+    """``safetensors.torch.save_file``, with the permissions any other file gets: it creates
+    files readable by their owner only, which a service running as another user cannot read."""
+    safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def file_sha256(path: Path) -> str:
@@ -257,13 +326,15 @@ def save(
     metrics: dict[str, Any] | None = None,
     class_centroids: Tensor | None = None,
     known_threshold: float | None = None,
+    cohort: Tensor | None = None,
+    cohort_top: int | None = None,
 ) -> Manifest:
     """Write ``network`` as a weights directory; returns the manifest written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     tensors = out / TENSORS_FILE
-    safetensors.torch.save_file(state, str(tensors), metadata={"format": "pt"})
+    _save_tensors(state, tensors)
     manifest = Manifest(
         architecture=architecture.lower(),
         num_classes=network.linear.out_features,
@@ -278,15 +349,34 @@ def save(
         if class_centroids is None
         else [[round(float(x), 6) for x in row] for row in class_centroids],
         known_threshold=known_threshold,
+        known_cohort=None if cohort is None else {"top": cohort_top},
+        cohort=cohort,
     )
     write_manifest(out, manifest)
     return manifest
 
 
 def write_manifest(out_dir: str | Path, manifest: Manifest) -> None:
-    """Write ``manifest.json``, refusing what :func:`load` would refuse."""
+    """Write ``manifest.json``, refusing what :func:`load` would refuse; with ``manifest.cohort``,
+    write it as ``cohort.safetensors`` (float16) first and name it in the manifest."""
+    out = Path(out_dir)
+    cohort_path = out / COHORT_FILE
+    if manifest.cohort is not None:
+        entry = dict(manifest.known_cohort or {})
+        stored = manifest.cohort.detach().cpu().to(torch.float16).contiguous()
+        tmp_cohort = cohort_path.with_suffix(".tmp")
+        _save_tensors({COHORT_TENSOR: stored}, tmp_cohort)
+        entry.update(file=COHORT_FILE, sha256=file_sha256(tmp_cohort), voices=int(stored.shape[0]))
+        Manifest.from_dict({**manifest.to_dict(), "known_cohort": entry})  # refuse before replacing anything
+        tmp_cohort.replace(cohort_path)
+        manifest.known_cohort, manifest.cohort = entry, stored
+    elif manifest.known_cohort is not None:
+        if not cohort_path.is_file() or file_sha256(cohort_path) != manifest.known_cohort.get("sha256"):
+            raise ValueError(f"{cohort_path}: the manifest's known_cohort is not there (no cohort tensor to write)")
+    elif cohort_path.is_file():
+        cohort_path.unlink()  # recalibrated without background voices: do not leave a stale file
     Manifest.from_dict(manifest.to_dict())
-    path = Path(out_dir) / MANIFEST_FILE
+    path = out / MANIFEST_FILE
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
     tmp.replace(path)
@@ -322,5 +412,6 @@ def read(path: str | Path) -> tuple[ResNet, Manifest]:
         raise WeightsError(f"{tensors_path}: unreadable safetensors file ({exc})") from None
     network = build(manifest.architecture, manifest.num_classes, manifest.embedding_size)
     load_state_dict_into(network, state, f"{tensors_path} (architecture {manifest.architecture!r})")
+    manifest.cohort = read_cohort(root, manifest)
     log.info("loaded %s (%s, sha256 %s)", root, manifest.architecture, manifest.sha256[:12])
     return network, manifest

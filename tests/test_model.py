@@ -6,12 +6,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from torch import nn
 
 import model
 from model import FeatureConfig, LogMelSpectrogram, WeightsError
 from model.convert import convert
+from model.weights import file_sha256, write_manifest
 from tests import seed_reference as seed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,6 +237,80 @@ def test_nearest_class_uses_the_stored_centroids(weights_dir):
     mixed = torch.eye(9, 256)[2] + torch.eye(9, 256)[7] * 0.9
     index, score, known = loaded.nearest_class(mixed)
     assert index == 2 and score < 0.8 and known is False
+
+
+def with_cohort(weights_dir: Path, cohort: torch.Tensor, top: int, threshold: float) -> model.EmbeddingModel:
+    """The converted weights with unit-vector centroids, background voices and a known threshold."""
+    loaded = model.load(weights_dir)
+    m = loaded.manifest
+    m.class_centroids, m.known_threshold = torch.eye(9, 256).tolist(), threshold
+    m.cohort, m.known_cohort = cohort, {"top": top}
+    write_manifest(weights_dir, m)
+    return model.load(weights_dir)
+
+
+def test_background_voices_lower_the_known_score_of_a_clip_near_them(weights_dir):
+    # background voice 0 lies between classes 2 and 7, voice 1 far from every class
+    cohort = torch.zeros(2, 256)
+    cohort[0, 2], cohort[0, 7], cohort[1, 100] = 1.0, 1.0, 1.0
+    loaded = with_cohort(weights_dir, cohort, 1, 0.2)
+    entry = loaded.manifest.known_cohort
+    assert entry is not None and entry["file"] == "cohort.safetensors" and entry["voices"] == 2 and entry["top"] == 1
+    assert (weights_dir / "cohort.safetensors").is_file()
+    # a clip of class 5 is nearer it than any background voice: known, score cosine - 0
+    assert loaded.nearest_class(torch.eye(9, 256)[5]) == (5, pytest.approx(1.0), True)
+    # nearer class 2 than anything (cosine 0.74) but nearer still background voice 0 (0.99):
+    # a voice like a training voice, none of the classes
+    mixed = torch.eye(9, 256)[2] + torch.eye(9, 256)[7] * 0.9
+    index, score, known = loaded.nearest_class(mixed)
+    cos2 = 1 / (1 + 0.81) ** 0.5
+    assert index == 2 and score == pytest.approx(cos2 - 1.9 / (2 * 1.81) ** 0.5, abs=1e-3) and known is False
+    # the known score is a difference of cosines: a threshold in [-2, 2] is accepted with a cohort only
+    data = json.loads((weights_dir / "manifest.json").read_text())
+    data["known_threshold"] = -1.5
+    (weights_dir / "manifest.json").write_text(json.dumps(data))
+    assert model.load(weights_dir).manifest.known_threshold == -1.5
+    del data["known_cohort"]
+    (weights_dir / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(WeightsError, match="known_threshold must be a cosine"):
+        model.load(weights_dir)
+
+
+@pytest.mark.parametrize("damage", ["missing", "replaced", "wrong shape", "entry without centroids"])
+def test_a_damaged_cohort_is_refused_with_one_line(weights_dir, damage):
+    with_cohort(weights_dir, torch.randn(4, 256), 3, 0.1)
+    path, manifest = weights_dir / "cohort.safetensors", weights_dir / "manifest.json"
+    data = json.loads(manifest.read_text())
+    if damage == "missing":
+        path.unlink()
+    elif damage == "replaced":
+        safetensors.torch.save_file({"embeddings": torch.randn(4, 256).half()}, str(path))
+    elif damage == "wrong shape":
+        safetensors.torch.save_file({"embeddings": torch.randn(4, 255).half()}, str(path))
+        data["known_cohort"]["sha256"] = file_sha256(path)
+    else:
+        data["class_centroids"] = data["known_threshold"] = None
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(WeightsError) as exc:
+        model.load(weights_dir)
+    expected = {
+        "missing": "cohort.safetensors: missing",
+        "replaced": "sha256 does not match",
+        "wrong shape": "of shape (4, 256)",
+        "entry without centroids": "known_cohort needs class_centroids",
+    }[damage]
+    assert expected in one_line(exc)
+
+
+def test_recalibrating_without_background_voices_removes_the_cohort_file(weights_dir):
+    loaded = with_cohort(weights_dir, torch.randn(4, 256), 3, 0.1)
+    m = loaded.manifest
+    m.cohort = m.known_cohort = None
+    m.known_threshold = 0.5
+    write_manifest(weights_dir, m)
+    assert not (weights_dir / "cohort.safetensors").exists()
+    again = model.load(weights_dir)
+    assert again.manifest.known_cohort is None and again.manifest.cohort is None
 
 
 def test_convert_cli_reports_one_clean_line(tmp_path):

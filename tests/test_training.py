@@ -20,7 +20,7 @@ from model.training import corpus, voices
 from model.training.calibrate import main as calibrate_main
 from model.training.centre import fold_affine, whitening
 from model.training.centre import main as centre_main
-from model.training.data import load_waves, scan
+from model.training.data import UNLABELLED, load_waves, scan
 from model.training.evaluate import evaluate, evaluate_open_set
 from model.training.metrics import leave_one_out_centroid, min_dcf, open_set_report, threshold_at_far
 from model.training.train import (
@@ -354,7 +354,15 @@ def test_train_cli_writes_loadable_weights_report_and_resumes(tiny_corpus, tmp_p
     # class centroids and the known-voice threshold, for /classify's 'known'
     assert len(loaded.manifest.class_centroids) == 9 and loaded.manifest.known_threshold is not None
     found = loaded.nearest_class(torch.tensor(loaded.manifest.class_centroids[4]))
-    assert found is not None and found[0] == 4 and found[1] == pytest.approx(1.0, abs=1e-4)
+    assert found is not None and found[0] == 4
+    # ... and the background voices of the known-voice score: the training voices outside the
+    # classes, beside the weights (not in the network's tensors), at most 3 of them averaged
+    background = {it.voice for it in scan(tiny_corpus).split("train") if it.label == UNLABELLED}
+    cohort = loaded.manifest.known_cohort
+    assert cohort is not None and cohort["voices"] == len(background) == len(loaded.manifest.cohort)
+    assert cohort["top"] == min(3, len(background)) and (tmp_path / "weights" / "cohort.safetensors").is_file()
+    known = loaded.manifest.metrics["calibration"]["known"]
+    assert "training voices outside the classes" in known["source"] and 0 <= known["eer_without_cohort"] <= 1
     # save -> reload gives identical outputs
     x = torch.randn(2, 1, 80, 120)
     again = model.load(tmp_path / "weights")
@@ -374,6 +382,9 @@ def test_train_cli_writes_loadable_weights_report_and_resumes(tiny_corpus, tmp_p
     assert recalibrated.verification_threshold == loaded.manifest.verification_threshold
     assert recalibrated.known_threshold == loaded.manifest.known_threshold
     assert recalibrated.class_centroids == loaded.manifest.class_centroids
+    assert recalibrated.known_cohort is not None and recalibrated.known_cohort["top"] == cohort["top"]
+    assert recalibrated.cohort is not None and loaded.manifest.cohort is not None
+    assert torch.allclose(recalibrated.cohort.float(), loaded.manifest.cohort.float(), atol=2e-3)
     # centring existing weights: written only where it lowers the open-set validation EER, and then
     # the embedding moves by one constant vector while the logits stay; asked to whiten with too
     # few clips to estimate it (3 here for 256 dimensions), it only centres

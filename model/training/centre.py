@@ -236,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics=metrics,
         class_centroids=cal.centroids,
         known_threshold=m.known_threshold,
+        cohort=cal.cohort,
+        cohort_top=cal.cohort_top or None,
     )
     log.info("wrote %s (sha256 %s)", args.out, saved.sha256)
     return 0

@@ -42,7 +42,7 @@ from model.audio import decode, encode, to_mono
 from model.features import FeatureConfig, LogMelSpectrogram
 from model.resnet import ARCHITECTURES, ResNet, build
 from model.runtime import EmbeddingModel
-from model.training.calibrate import calibrate, embed_all, known_scores
+from model.training.calibrate import COHORT_CLIPS, COHORT_TOP, calibrate, embed_all, known_scores, pick_cohort
 from model.training.centre import centre
 from model.training.data import UNLABELLED, Dataset, load_waves, random_crop, scan
 from model.training.metrics import open_set_report, summarise
@@ -79,6 +79,8 @@ class TrainConfig:
     class_weight: float = 0.5  # weight of the 9-class cross-entropy beside the margin loss
     label_share: float = 0.35  # share of each batch drawn from the labelled voices (when there are others)
     centroid_clips: int = 40  # training clips per class for the class centroids
+    cohort_top: int = COHORT_TOP  # background voices in the known-voice score (model.training.calibrate; 0: none)
+    cohort_clips: int = COHORT_CLIPS  # training clips per background voice
     centre_clips: int = 2  # training clips per voice for the mean (and covariance) folded into the embedding (0: none)
     whiten: bool = False  # fold within-voice whitening in too (model.training.centre; needs about 3 clips a voice)
     init: str = ""  # weights directory to start from (fine-tuning: more steps, or more voices); "": from scratch
@@ -478,12 +480,17 @@ def finish(
         [it.voice for it in dataset.split("open-val")], cfg.centre_clips, max_s, cfg.whiten,
     )  # fmt: skip
     centroid_waves = [w for w, c in zip(train_waves, train_classes, strict=True) if c != UNLABELLED]
+    train_items = dataset.split("train")
+    background = pick_cohort(train_items, cfg.cohort_clips)
     cal = calibrate(
         final, dataset, val_waves, open_val_waves, centroid_waves,
         [c for c in train_classes if c != UNLABELLED], cfg.centroid_clips, max_s,
+        cohort_waves=[train_waves[i] for i in background], cohort_voices=[train_items[i].voice for i in background],
+        cohort_top=cfg.cohort_top,
     )  # fmt: skip
     val_logits, val_emb = cal.val_logits, cal.val_emb
     threshold, centroids, known_threshold = cal.threshold, cal.centroids, cal.known_threshold
+    cohort, cohort_top = cal.cohort, cal.cohort_top
     calibration = cal.info
     test_items = dataset.split("test")
     if test_items:
@@ -513,8 +520,11 @@ def finish(
         report = open_set_report(open_test_emb, [it.voice for it in open_test_items],
                                  [it.conditions for it in open_test_items])  # fmt: skip
         if centroids is not None and known_threshold is not None:
-            report["flagged_unknown"] = float((known_scores(open_test_emb, centroids) < known_threshold).float().mean())
-            test["flagged_unknown"] = float((known_scores(test_emb, centroids) < known_threshold).float().mean())
+
+            def flagged(emb: Tensor) -> float:
+                return float((known_scores(emb, centroids, cohort, cohort_top) < known_threshold).float().mean())
+
+            report["flagged_unknown"], test["flagged_unknown"] = flagged(open_test_emb), flagged(test_emb)
             metrics["test_flagged_unknown"] = test["flagged_unknown"]
         metrics["open_set_test"] = report
     wall = time.time() - started
@@ -543,6 +553,8 @@ def finish(
         metrics=metrics,
         class_centroids=centroids,
         known_threshold=None if known_threshold is None else round(known_threshold, 4),
+        cohort=cohort,
+        cohort_top=cohort_top or None,
     )
     summary = {"metrics": metrics, "history": history, "test": test, "provenance": provenance}
     report_dir = out_dir / "report"
