@@ -365,9 +365,13 @@ def write_manifest(out_dir: str | Path, manifest: Manifest) -> None:
         entry = dict(manifest.known_cohort or {})
         stored = manifest.cohort.detach().cpu().to(torch.float16).contiguous()
         tmp_cohort = cohort_path.with_suffix(".tmp")
-        _save_tensors({COHORT_TENSOR: stored}, tmp_cohort)
-        entry.update(file=COHORT_FILE, sha256=file_sha256(tmp_cohort), voices=int(stored.shape[0]))
-        Manifest.from_dict({**manifest.to_dict(), "known_cohort": entry})  # refuse before replacing anything
+        try:
+            _save_tensors({COHORT_TENSOR: stored}, tmp_cohort)
+            entry.update(file=COHORT_FILE, sha256=file_sha256(tmp_cohort), voices=int(stored.shape[0]))
+            Manifest.from_dict({**manifest.to_dict(), "known_cohort": entry})  # refuse before replacing anything
+        except BaseException:
+            tmp_cohort.unlink(missing_ok=True)
+            raise
         tmp_cohort.replace(cohort_path)
         manifest.known_cohort, manifest.cohort = entry, stored
     elif manifest.known_cohort is not None:

@@ -302,6 +302,18 @@ def test_a_damaged_cohort_is_refused_with_one_line(weights_dir, damage):
     assert expected in one_line(exc)
 
 
+def test_a_cohort_the_manifest_would_refuse_is_not_written(weights_dir):
+    loaded = with_cohort(weights_dir, torch.randn(4, 256), 3, 0.1)
+    before = file_sha256(weights_dir / "cohort.safetensors")
+    m = loaded.manifest
+    m.cohort, m.known_cohort = torch.randn(2, 256), {"top": 3}  # 3 nearest of 2 voices
+    with pytest.raises(ValueError, match="more than its 2 voices"):
+        write_manifest(weights_dir, m)
+    assert file_sha256(weights_dir / "cohort.safetensors") == before
+    assert sorted(p.name for p in weights_dir.iterdir() if "cohort" in p.name) == ["cohort.safetensors"]
+    assert model.load(weights_dir).manifest.known_cohort["voices"] == 4
+
+
 def test_recalibrating_without_background_voices_removes_the_cohort_file(weights_dir):
     loaded = with_cohort(weights_dir, torch.randn(4, 256), 3, 0.1)
     m = loaded.manifest
