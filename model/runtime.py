@@ -139,8 +139,7 @@ class EmbeddingModel:
         self.channels_last = False
         self.backend = "torch"
         self._compiled: OpenVINONetwork | None = None
-        self._centroids: Tensor | None = None
-        self._cohort: tuple[Tensor, Tensor] | None = None  # (manifest.cohort it was made from, unit rows)
+        self._unit: dict[str, tuple[Any, Tensor]] = {}  # manifest rows -> (those rows, as unit rows)
 
     def configure(self, precision: str = "fp32", channels_last: bool = False, backend: str = "torch") -> EmbeddingModel:
         """Choose the execution. ``int8`` runs the weights' int8 model on OpenVINO (``auto`` picks
@@ -184,15 +183,20 @@ class EmbeddingModel:
         m = self.manifest
         if m.class_centroids is None or m.known_threshold is None:
             return None
-        if self._centroids is None:
-            self._centroids = F.normalize(torch.tensor(m.class_centroids, dtype=torch.float32), dim=-1)
         cohort, top = None, 0
         if m.cohort is not None and m.known_cohort is not None:
-            if self._cohort is None or self._cohort[0] is not m.cohort:
-                self._cohort = (m.cohort, F.normalize(m.cohort.float(), dim=-1))
-            cohort, top = self._cohort[1], int(m.known_cohort["top"])
-        index, score = open_set_scores(embedding.reshape(1, -1), self._centroids, cohort, top)
+            cohort, top = self._unit_rows("cohort", m.cohort), int(m.known_cohort["top"])
+        centroids = self._unit_rows("centroids", m.class_centroids)
+        index, score = open_set_scores(embedding.reshape(1, -1), centroids, cohort, top)
         return int(index[0]), float(score[0]), float(score[0]) >= m.known_threshold
+
+    def _unit_rows(self, name: str, rows: Any) -> Tensor:
+        """The manifest's ``rows`` (centroids or background voices) as float32 unit rows, made once
+        for each object the manifest holds (recalibration replaces them)."""
+        cached = self._unit.get(name)
+        if cached is None or cached[0] is not rows:
+            cached = self._unit[name] = (rows, F.normalize(torch.as_tensor(rows, dtype=torch.float32), dim=-1))
+        return cached[1]
 
     def prepare(self, audio: Audio) -> Tensor:
         """Decoded audio (any rate, any channel count) -> mono waveform at the model's rate."""

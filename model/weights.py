@@ -203,15 +203,8 @@ def read_cohort(root: Path, manifest: Manifest) -> Tensor | None:
     if entry is None:
         return None
     path = root / COHORT_FILE
-    if not path.is_file():
-        raise WeightsError(f"{path}: missing (the manifest's known_cohort)")
-    if file_sha256(path) != entry["sha256"]:
-        raise WeightsError(f"{path}: sha256 does not match the manifest (file corrupted or replaced)")
-    try:
-        tensors = safetensors.torch.load_file(str(path), device="cpu")
-    except (safetensors.SafetensorError, OSError, ValueError) as exc:
-        raise WeightsError(f"{path}: unreadable safetensors file ({exc})") from None
-    cohort = tensors.get(COHORT_TENSOR)
+    _check_file(path, entry["sha256"], "the manifest's known_cohort")
+    cohort = _load_tensors(path).get(COHORT_TENSOR)
     shape = (entry["voices"], manifest.embedding_size)
     if cohort is None or tuple(cohort.shape) != shape or not bool(cohort.float().isfinite().all()):
         raise WeightsError(f"{path}: expected a finite {COHORT_TENSOR!r} tensor of shape {shape}")
@@ -245,11 +238,7 @@ def int8_model_path(root: Path | None, manifest: Manifest) -> Path:
     if entry["source_sha256"] != manifest.sha256:
         raise WeightsError(f"{root}: the int8 model was made from other weights; quantize these again")
     for key in INT8_FILES:
-        path = root / entry[key]
-        if not path.is_file():
-            raise WeightsError(f"{path}: missing (the manifest's int8 model)")
-        if file_sha256(path) != entry[f"{key}_sha256"]:
-            raise WeightsError(f"{path}: sha256 does not match the manifest (file corrupted or replaced)")
+        _check_file(root / entry[key], entry[f"{key}_sha256"], "the manifest's int8 model")
     return root / str(entry["model"])
 
 
@@ -270,6 +259,25 @@ def _save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     path.chmod(0o666 & ~umask)
+
+
+def _check_file(path: Path, sha256: str, what: str) -> None:
+    """Raise :class:`WeightsError` unless ``path`` (the manifest's ``what``) exists with ``sha256``."""
+    if not path.is_file():
+        raise WeightsError(f"{path}: missing ({what})")
+    actual = file_sha256(path)
+    if actual != sha256:
+        raise WeightsError(
+            f"{path}: sha256 does not match the manifest ({actual[:16]}... against {sha256[:16]}...; "
+            "file corrupted or replaced)"
+        )
+
+
+def _load_tensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return safetensors.torch.load_file(str(path), device="cpu")
+    except (safetensors.SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(f"{path}: unreadable safetensors file ({exc})") from None
 
 
 def file_sha256(path: Path) -> str:
@@ -404,16 +412,8 @@ def read(path: str | Path) -> tuple[ResNet, Manifest]:
         manifest = Manifest.from_dict(raw)
     except ValueError as exc:
         raise WeightsError(f"{manifest_path}: {exc}") from None
-    actual = file_sha256(tensors_path)
-    if actual != manifest.sha256:
-        raise WeightsError(
-            f"{tensors_path}: sha256 {actual[:16]}... does not match the manifest's {manifest.sha256[:16]}... "
-            "(file corrupted or replaced)"
-        )
-    try:
-        state = safetensors.torch.load_file(str(tensors_path), device="cpu")
-    except (safetensors.SafetensorError, OSError, ValueError) as exc:
-        raise WeightsError(f"{tensors_path}: unreadable safetensors file ({exc})") from None
+    _check_file(tensors_path, manifest.sha256, "the manifest's tensors")
+    state = _load_tensors(tensors_path)
     network = build(manifest.architecture, manifest.num_classes, manifest.embedding_size)
     load_state_dict_into(network, state, f"{tensors_path} (architecture {manifest.architecture!r})")
     manifest.cohort = read_cohort(root, manifest)

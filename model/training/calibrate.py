@@ -58,27 +58,31 @@ def embed_all(model: EmbeddingModel, waves: list[Tensor], max_s: float) -> tuple
     return torch.stack([r.logits for r in results]), torch.stack([r.embedding for r in results])
 
 
+def mean_directions(embeddings: Tensor, groups: list[int], n_groups: int) -> Tensor:
+    """Each group's mean normalised embedding, normalised: ``(n_groups, E)``."""
+    emb = F.normalize(embeddings.float(), dim=-1)
+    sums = torch.zeros(n_groups, emb.shape[1]).index_add_(0, torch.tensor(groups), emb)
+    return F.normalize(sums, dim=-1)
+
+
 def class_centroids(model: EmbeddingModel, waves: list[Tensor], classes: list[int], n: int, max_s: float) -> Tensor:
     """Each class's mean normalised embedding over (at most ``n`` of) its clips, normalised."""
-    rows = []
+    chosen: list[int] = []
     for k in range(model.manifest.num_classes):
-        mine = [w for w, c in zip(waves, classes, strict=True) if c == k][:n]
+        mine = [i for i, c in enumerate(classes) if c == k][:n]
         if not mine:
             raise ValueError(f"no training clips of class {model.labels[k]!r} for its centroid")
-        _, emb = embed_all(model, mine, max_s)
-        rows.append(F.normalize(F.normalize(emb, dim=-1).mean(0), dim=0))
-    return torch.stack(rows)
+        chosen += mine
+    _, emb = embed_all(model, [waves[i] for i in chosen], max_s)
+    return mean_directions(emb, [classes[i] for i in chosen], model.manifest.num_classes)
 
 
 def cohort_embeddings(model: EmbeddingModel, waves: list[Tensor], voices: list[str], max_s: float) -> Tensor:
     """Each voice's mean normalised embedding over its clips, normalised: ``(voices, E)``, in
     sorted voice order."""
-    _, emb = embed_all(model, waves, max_s)
-    emb = F.normalize(emb, dim=-1)
     names = sorted(set(voices))
-    index = torch.tensor([names.index(v) for v in voices])
-    sums = torch.zeros(len(names), emb.shape[1]).index_add_(0, index, emb)
-    return F.normalize(sums, dim=-1)
+    index = {v: k for k, v in enumerate(names)}
+    return mean_directions(embed_all(model, waves, max_s)[1], [index[v] for v in voices], len(names))
 
 
 def known_scores(embeddings: Tensor, centroids: Tensor, cohort: Tensor | None = None, top: int = 0) -> Tensor:
@@ -251,12 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        model = load(args.weights_dir)
         if not 0 < args.target_far < 1:
             raise ValueError(f"--target-far must be between 0 and 1, not {args.target_far}")
-        dataset = matching_corpus(model, args.data_dir)
         if args.cohort_top < 0 or args.cohort_clips < 1:
             raise ValueError("--cohort-top must be at least 0 and --cohort-clips at least 1")
+        model = load(args.weights_dir)
+        dataset = matching_corpus(model, args.data_dir)
         cal = calibrate_on_corpus(
             model, dataset, args.centroid_clips, args.max_s, args.target_far, args.cohort_clips, args.cohort_top
         )

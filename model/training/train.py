@@ -475,12 +475,12 @@ def finish(
     """Calibrate on the validation voices, test, and write the weights and the report."""
     labels, sr, max_s = dataset.labels, final.sample_rate, cfg.eval_max_s
     val_items = dataset.split("val")
+    train_items = dataset.split("train")
     centring = centre(
-        final, train_waves, [it.voice for it in dataset.split("train")], open_val_waves,
+        final, train_waves, [it.voice for it in train_items], open_val_waves,
         [it.voice for it in dataset.split("open-val")], cfg.centre_clips, max_s, cfg.whiten,
     )  # fmt: skip
     centroid_waves = [w for w, c in zip(train_waves, train_classes, strict=True) if c != UNLABELLED]
-    train_items = dataset.split("train")
     background = pick_cohort(train_items, cfg.cohort_clips)
     cal = calibrate(
         final, dataset, val_waves, open_val_waves, centroid_waves,
