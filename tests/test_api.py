@@ -12,7 +12,7 @@ import torch
 
 from model.training.corpus import LABELS
 from model.training.voices import catalogue
-from tests.conftest import FORMATS, SHIPPED_WEIGHTS, Server, encode, speech, voice_speech, wav_bytes
+from tests.conftest import EAGER, FORMATS, SHIPPED_WEIGHTS, Server, encode, speech, voice_speech, wav_bytes
 
 # Voices none of the 9 classes, held out of training (the open-set test voices of the catalogue)
 OPEN_TEST_VOICES = [v.label for v in catalogue() if v.role == "open-test"]
@@ -178,7 +178,7 @@ def test_short_silent_long_and_oversized_audio(server):
         assert_error(post_file(client, "/embed", wav_bytes(speech(0)[:4000])), 422, "audio_too_short")
         assert_error(post_file(client, "/embed", wav_bytes(torch.zeros(16000))), 422, "silent_audio")
     # a separate server with small limits, to keep the inputs small
-    small = Server(env={"MAX_DURATION_S": "12", "WINDOW_S": "4", "MAX_BODY_BYTES": "2000000"})
+    small = Server(env={"MAX_DURATION_S": "12", "WINDOW_S": "4", "MAX_BODY_BYTES": "2000000", **EAGER})
     try:
         small.wait_ready()
         with httpx.Client(base_url=small.url, timeout=120) as client:

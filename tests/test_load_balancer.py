@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, Server, free_port, poll, speech, wav_bytes
+from tests.conftest import EAGER, ROOT, Server, free_port, poll, speech, wav_bytes
 
 CLIENTS = 3
 STEADY = 12  # answers between one fault and the next
@@ -75,7 +75,8 @@ def enrol_through_balancer_and_identify_on_every_replica(url: str, replicas: lis
 
 
 def test_replica_killed_and_terminated_under_load_loses_no_request(tmp_path, nginx_bin, postgres):
-    env = {"TORCH_THREADS": "1", "DATABASE_URL": postgres}
+    # four replicas start here, three at once: what is under test is the balancer and their lifecycle
+    env = {**EAGER, "TORCH_THREADS": "1", "DATABASE_URL": postgres}
     replicas = [Server(env=env) for _ in range(3)]
     proxy_port = free_port()
     conf = nginx_config(tmp_path, [r.port for r in replicas], proxy_port)
@@ -83,7 +84,7 @@ def test_replica_killed_and_terminated_under_load_loses_no_request(tmp_path, ngi
     restarted: Server | None = None
     try:
         for r in replicas:
-            r.wait_ready(timeout=180)  # three compile at once on two cores
+            r.wait_ready(timeout=180)  # three start at once on two cores
         nginx = subprocess.Popen([nginx_bin, "-c", str(conf), "-g", "daemon off;"], stderr=subprocess.PIPE)
         url = f"http://127.0.0.1:{proxy_port}"
         deadline = time.monotonic() + 10

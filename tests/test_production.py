@@ -8,11 +8,11 @@ import time
 
 import httpx
 
-from tests.conftest import Server, poll, speech, wav_bytes
+from tests.conftest import EAGER, Server, poll, speech, wav_bytes
 
 
 def test_api_keys_guard_everything_but_probes_and_metrics():
-    srv = Server(env={"API_KEYS": "first-key, second-key"})
+    srv = Server(env={"API_KEYS": "first-key, second-key", **EAGER})
     try:
         srv.wait_ready()
         data = wav_bytes(speech(0))
@@ -67,7 +67,7 @@ def test_metrics_are_present_and_count(client):
 
 
 def test_overload_gets_quick_503s_and_recovers():
-    srv = Server(env={"MAX_PENDING": "2", "TORCH_THREADS": "1"})
+    srv = Server(env={"MAX_PENDING": "2", "TORCH_THREADS": "1", **EAGER})
     try:
         srv.wait_ready()
         data = wav_bytes(speech(2).repeat(3))  # several seconds: each takes a while
