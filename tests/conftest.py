@@ -101,7 +101,7 @@ def free_port() -> int:
 
 # For extra servers whose test is about the service around the network (keys, limits, overload,
 # the balancer): PyTorch eager is ready in well under half the time of OpenVINO's compile (measured
-# 10 s against 25 s on the 2-core AVX2 EPYC). The session's `server` keeps the default backend.
+# 10 s against 25 s on the 2-core AVX-512 EPYC). The session's `server` keeps the default backend.
 EAGER = {"BACKEND": "torch"}
 
 

@@ -18,7 +18,7 @@ from model.features import FeatureConfig, LogMelSpectrogram
 from model.resnet import build
 from model.training import corpus, voices
 from model.training.calibrate import main as calibrate_main
-from model.training.centre import fold_affine, voice_weighting, whitening
+from model.training.centre import fold_affine, spread_statistics, voice_weighting, whitening
 from model.training.centre import main as centre_main
 from model.training.data import UNLABELLED, load_waves, scan
 from model.training.evaluate import evaluate, evaluate_open_set
@@ -259,12 +259,7 @@ def test_voice_weighting_keeps_the_axes_voices_differ_on_and_shrinks_the_others(
     centres = torch.zeros(voices, dims)
     centres[:, :4] = 3 * torch.randn(voices, 4)
     emb = centres.repeat_interleave(clips, 0) + torch.randn(voices * clips, dims)
-    labels = torch.arange(voices).repeat_interleave(clips)
-    means = torch.stack([emb[labels == k].mean(0) for k in range(voices)])
-    residuals = emb - means[labels]
-    scatter = residuals.T @ residuals / (len(emb) - voices)
-    spread = means - means.mean(0)
-    between = spread.T @ spread / (voices - 1) - scatter / clips  # as voice_statistics estimates it
+    _, scatter, _, between = spread_statistics(list(emb.double().split(clips)))
     weighting = voice_weighting(scatter, between).float()
     lengths = weighting.T.norm(dim=1)  # how long each original axis comes out
     assert lengths[:4].min() > 0.9 * lengths[:4].max() and lengths[4:].max() < 0.3 * lengths[:4].min()

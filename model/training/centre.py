@@ -108,7 +108,11 @@ def voice_statistics(
         mine = chosen.setdefault(voice, [])
         if len(mine) < per_voice:
             mine.append(wave)
-    per_voice_emb = [embed_all(model, mine, max_s)[1].double() for mine in chosen.values()]
+    return spread_statistics([embed_all(model, mine, max_s)[1].double() for mine in chosen.values()])
+
+
+def spread_statistics(per_voice_emb: list[Tensor]) -> tuple[Tensor, Tensor, int, Tensor]:
+    """:func:`voice_statistics` of embeddings already made, one ``(clips, E)`` tensor a voice."""
     means = torch.stack([e.mean(0) for e in per_voice_emb])
     residuals = torch.cat([e - m for e, m in zip(per_voice_emb, means, strict=True)])
     dof = len(residuals) - len(means)
