@@ -25,10 +25,13 @@ from model.training.evaluate import evaluate, evaluate_open_set
 from model.training.metrics import equal_error_rate, leave_one_out_centroid, min_dcf, open_set_report, threshold_at_far
 from model.training.train import (
     CODEC_SETTINGS,
+    WARPED,
     AdditiveAngularMargin,
     CodecAugment,
     SpecAugment,
     TrainConfig,
+    pseudo_speakers,
+    speed_crop,
     train,
     warm_start,
 )
@@ -347,8 +350,9 @@ def test_training_features_equal_serving_features(tiny_corpus):
 def test_train_cli_writes_loadable_weights_report_and_resumes(tiny_corpus, tmp_path):
     max_s = 2.0  # of each clip in evaluation and calibration (8 by default): whole-clip embedding is most of the time
     cfg = TrainConfig(
-        epochs=2, batch_size=12, crop_s=0.5, patience=5, steps_per_epoch=3, centroid_clips=3, eval_max_s=max_s
-    )
+        epochs=2, batch_size=12, crop_s=0.5, patience=5, steps_per_epoch=3, centroid_clips=3, eval_max_s=max_s,
+        speed_perturb=(0.9, 1.1),
+    )  # fmt: skip
     # a coarse front end (0.16 of the default's pixels, so a sixth of the work): what is under test
     # is the pipeline, and that the run's front end reaches the weights and survives a resume
     features = FeatureConfig(n_mels=32, hop_ms=25)
@@ -377,14 +381,17 @@ def test_train_cli_writes_loadable_weights_report_and_resumes(tiny_corpus, tmp_p
     # the margin head is training state: in the checkpoint, never in the weights
     tensors = safetensors.torch.load_file(str(tmp_path / "weights" / "model.safetensors"))
     assert set(tensors) == set(model.ResNet18().state_dict())
-    assert "head" in torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    # one margin-head row per training voice, and one per speed for each unlabelled, unwarped one
+    background = {it.voice for it in scan(tiny_corpus).split("train") if it.label == UNLABELLED}
+    unwarped = {v for v in background if not WARPED.search(v)}
+    assert checkpoint["head"]["weight"].shape[0] == len(checkpoint["voices"]) + 2 * len(unwarped) > 9 + len(background)
     # class centroids and the known-voice threshold, for /classify's 'known'
     assert len(loaded.manifest.class_centroids) == 9 and loaded.manifest.known_threshold is not None
     found = loaded.nearest_class(torch.tensor(loaded.manifest.class_centroids[4]))
     assert found is not None and found[0] == 4
     # ... and the background voices of the known-voice score: the training voices outside the
     # classes, beside the weights (not in the network's tensors), at most 3 of them averaged
-    background = {it.voice for it in scan(tiny_corpus).split("train") if it.label == UNLABELLED}
     cohort = loaded.manifest.known_cohort
     assert cohort is not None and cohort["voices"] == len(background) == len(loaded.manifest.cohort)
     assert cohort["top"] == min(3, len(background)) and (tmp_path / "weights" / "cohort.safetensors").is_file()
@@ -464,7 +471,8 @@ def test_warm_start_begins_at_the_given_weights_with_each_voice_at_its_clips(tin
     cfg = TrainConfig(init=str(SHIPPED_WEIGHTS))
     shipped = model.load(SHIPPED_WEIGHTS)
     front_end = shipped.manifest.features
-    warm_start(network, head, cfg, corpus.LABELS, front_end, shipped.features, waves, train_voices)
+    none = pseudo_speakers(voices, set(), ())
+    warm_start(network, head, cfg, corpus.LABELS, front_end, shipped.features, waves, train_voices, none)
     assert all(torch.equal(network.state_dict()[k], v) for k, v in shipped.network.state_dict().items())
     assert network.training  # handed back ready to train
     # a voice's clip is nearer its own row than any other voice's
@@ -476,4 +484,24 @@ def test_warm_start_begins_at_the_given_weights_with_each_voice_at_its_clips(tin
     nearest = (unit(emb, dim=-1) @ unit(head.weight, dim=-1).T).argmax(-1)
     assert nearest.tolist() == list(range(len(voices)))
     with pytest.raises(SystemExit, match="differ from this run"):
-        warm_start(network, head, cfg, list(reversed(corpus.LABELS)), front_end, shipped.features, waves, train_voices)
+        warm_start(
+            network, head, cfg, list(reversed(corpus.LABELS)), front_end, shipped.features, waves, train_voices, none
+        )
+
+
+def test_speed_perturbed_pseudo_speakers_skip_labels_and_voices_the_corpus_already_warps():
+    voices = ["flite-awb", "flite-awb-w088", "espeak-en-us-rob", "espeak-en-us-rob-w112", "espeak-en-zac", "vesyn"]
+    rows = pseudo_speakers(voices, labelled={0}, speeds=(0.9, 1.1))
+    # only the two voices with no warps of their own get rows, after the 6 voices', speed by speed
+    assert rows.tolist() == [[-1, -1], [-1, -1], [-1, -1], [-1, -1], [6, 8], [7, 9]]
+    assert pseudo_speakers(voices, set(), ()).shape == (6, 0)
+
+
+def test_speed_crop_raises_pitch_by_the_factor_and_keeps_the_length():
+    sr, gen = 16000, torch.Generator().manual_seed(0)
+    tone = torch.sin(2 * torch.pi * 200 * torch.arange(3 * sr) / sr)
+    for speed in (0.9, 1.1):
+        out = speed_crop(tone, sr, speed, sr, gen)
+        assert out.shape == (sr,)
+        peak_hz = float(torch.fft.rfft(out).abs().argmax())  # a 1 s window: 1 Hz bins
+        assert abs(peak_hz - 200 * speed) <= 2

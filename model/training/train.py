@@ -25,6 +25,7 @@ import logging
 import math
 import platform
 import random
+import re
 import shlex
 import sys
 import time
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 
 WARM_START_CLIPS = 2  # clips a voice for its margin-head row under --init
 WARM_START_CROP_S = 3.0  # seconds of each
+WARPED = re.compile(r"-w\d{3}$")  # how model.training.voices names a voice's speed-warped pseudo-speakers
 
 
 @dataclass
@@ -85,6 +87,10 @@ class TrainConfig:
     whiten: bool = False  # fold within-voice whitening in too (model.training.centre; needs about 3 clips a voice)
     voice_weighting: bool = False  # whitening and soft LDA instead, where it lowers the open-set validation EER
     init: str = ""  # weights directory to start from (fine-tuning: more steps, or more voices); "": from scratch
+    # speed perturbation counted as new speakers (WeSpeaker's recipe): each unlabelled training
+    # voice's crops are, with equal chances, as recorded or sped up by one of these factors, each
+    # factor a pseudo-speaker of its own in the margin head; (): none
+    speed_perturb: tuple[float, ...] = ()
 
 
 def bf16_supported() -> bool:
@@ -174,6 +180,29 @@ class AdditiveAngularMargin(nn.Module):
         return self.scale * torch.where(onehot, phi, cos)
 
 
+def pseudo_speakers(voices: list[str], labelled: set[int], speeds: tuple[float, ...]) -> Tensor:
+    """``(V, len(speeds))``: the margin-head row of voice ``v`` sped up by ``speeds[k]``, or -1
+    where it gets none: the labelled voices (their class stays theirs alone), and voices the corpus
+    already warps, and their warps (``flite-rms-w088`` sped up 1.12 times is nearly ``flite-rms``:
+    two rows for one voice would push the embedding apart where it should agree). New rows follow
+    the voices', speed by speed."""
+    warped_bases = {WARPED.sub("", v) for v in voices if WARPED.search(v)}
+    eligible = [i for i, v in enumerate(voices) if i not in labelled and not WARPED.search(v) and v not in warped_bases]
+    rows = torch.full((len(voices), len(speeds)), -1, dtype=torch.long)
+    for k in range(len(speeds)):
+        rows[eligible, k] = len(voices) + k * len(eligible) + torch.arange(len(eligible))
+    return rows
+
+
+def speed_crop(wave: Tensor, length: int, speed: float, sample_rate: int, gen: torch.Generator) -> Tensor:
+    """A random ``length``-sample window of ``wave`` played ``speed`` times faster: pitch, formants
+    and tempo move together, as the corpus's warped pseudo-speakers do (a window of ``length *
+    speed`` samples resampled as if recorded at ``sample_rate * speed``)."""
+    window = random_crop(wave, round(length * speed), gen)
+    out = torchaudio.functional.resample(window, round(sample_rate * speed), sample_rate)
+    return out[:length] if out.numel() >= length else F.pad(out, (0, length - out.numel()))
+
+
 def warm_start(
     network: ResNet,
     head: AdditiveAngularMargin,
@@ -183,11 +212,13 @@ def warm_start(
     features: LogMelSpectrogram,
     train_waves: list[Tensor],
     train_voices: Tensor,
+    pseudo: Tensor,
 ) -> None:
     """Start from the weights in ``cfg.init`` (read as safetensors, never unpickled): the network's
-    tensors, and each margin-head row at its voice's mean embedding under them, so that the first
-    steps refine the embedding rather than drag it towards random voice vectors. Weights of
-    another architecture, other classes or another front end are refused."""
+    tensors, and each margin-head row (``pseudo``: the speed-perturbed pseudo-speakers' rows) at
+    its voice's mean embedding under them, so that the first steps refine the embedding rather than
+    drag it towards random voice vectors. Weights of another architecture, other classes or another
+    front end are refused."""
     source, manifest = read(cfg.init)
     theirs = (manifest.architecture, manifest.labels, manifest.embedding_size, manifest.features)
     ours = (cfg.arch, labels, cfg.embedding_size, feature_cfg)
@@ -201,13 +232,19 @@ def warm_start(
     for i, v in enumerate(train_voices.tolist()):
         if len(picked.setdefault(v, [])) < WARM_START_CLIPS:
             picked[v].append(i)
+    sr = feature_cfg.sample_rate
     sums = torch.zeros_like(head.weight)
     network.eval()
     with torch.inference_mode():
         for v, clips in tqdm(picked.items(), desc="voice vectors from --init", unit="voice"):
+            rows = [(v, 1.0)] + [(int(r), s) for r, s in zip(pseudo[v], cfg.speed_perturb, strict=True) if r >= 0]
             for i in clips:
-                _, emb = network(features(train_waves[i][:window].unsqueeze(0)))
-                sums[v] += F.normalize(emb[0].float(), dim=0)
+                for row, speed in rows:
+                    wave = train_waves[i][: round(window * speed)]
+                    if speed != 1.0:
+                        wave = torchaudio.functional.resample(wave, round(sr * speed), sr)
+                    _, emb = network(features(wave.unsqueeze(0)))
+                    sums[row] += F.normalize(emb[0].float(), dim=0)
     network.train()
     with torch.no_grad():
         head.weight.copy_(F.normalize(sums, dim=-1))
@@ -342,11 +379,13 @@ def train(
     val_labels = [it.label for it in val_items]
     n_labelled = cfg.batch_size if not len(others) else max(1, round(cfg.batch_size * cfg.label_share))
 
+    pseudo = pseudo_speakers(voices, set(train_voices[labelled].tolist()), cfg.speed_perturb)
+    head_rows = len(voices) + int((pseudo >= 0).sum())
     network = build(cfg.arch, num_classes=len(labels), embedding_size=cfg.embedding_size)
-    head = AdditiveAngularMargin(cfg.embedding_size, len(voices), cfg.margin_scale, 0.0)
+    head = AdditiveAngularMargin(cfg.embedding_size, head_rows, cfg.margin_scale, 0.0)
     features = LogMelSpectrogram(feature_cfg)
     if cfg.init and not (resume and (out_dir / "checkpoint.pt").is_file()):
-        warm_start(network, head, cfg, labels, feature_cfg, features, train_waves, train_voices)
+        warm_start(network, head, cfg, labels, feature_cfg, features, train_waves, train_voices, pseudo)
     augment = SpecAugment(cfg.freq_mask, cfg.time_mask)
     codec_augment = CodecAugment(cfg.codec_share, feature_cfg.sample_rate)
     bf16 = use_bf16(cfg.bf16)
@@ -361,7 +400,11 @@ def train(
     ckpt_path = out_dir / "checkpoint.pt"
     if resume and ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if state["scheduler"]["total_steps"] != total_steps or state.get("voices") != voices:
+        if (
+            state["scheduler"]["total_steps"] != total_steps
+            or state.get("voices") != voices
+            or state["head"]["weight"].shape[0] != head_rows
+        ):
             raise SystemExit(
                 f"{ckpt_path}: resume with the checkpoint's data, --epochs, --steps-per-epoch, --batch-size"
             )
@@ -376,9 +419,9 @@ def train(
     crop = int(cfg.crop_s * sr)
     log.info(
         "%d train clips of %d voices (%d labelled clips, %d per batch) / %d val / %d open-set val clips, "
-        "%d classes, %s, %d steps per epoch, bf16=%s, %d threads",
+        "%d classes, %s, %d steps per epoch, bf16=%s, %d threads, %d speed-perturbed pseudo-speakers",
         len(train_items), len(voices), len(labelled), n_labelled, len(val_items), len(open_val_items),
-        len(labels), cfg.arch, steps_per_epoch, bf16, torch.get_num_threads(),
+        len(labels), cfg.arch, steps_per_epoch, bf16, torch.get_num_threads(), head_rows - len(voices),
     )  # fmt: skip
 
     def draw(pool: Tensor, n: int) -> Tensor:
@@ -392,11 +435,21 @@ def train(
             if len(others):
                 idx = torch.cat([idx, draw(others, cfg.batch_size - n_labelled)])
             head.margin = margin_at(cfg, epoch * steps_per_epoch + step, total_steps)
-            waves = torch.stack([random_crop(train_waves[i], crop, gen) for i in idx.tolist()])
+            targets = train_voices[idx]
+            speeds = [1.0] * len(idx)
+            if cfg.speed_perturb:  # as recorded or one of the speeds, with equal chances
+                choice = torch.randint(len(cfg.speed_perturb) + 1, (len(idx),), generator=gen).tolist()
+                for n, k in enumerate(choice):
+                    if k and pseudo[targets[n], k - 1] >= 0:
+                        speeds[n], targets[n] = cfg.speed_perturb[k - 1], pseudo[targets[n], k - 1]
+            waves = torch.stack([
+                random_crop(train_waves[i], crop, gen) if s == 1.0 else speed_crop(train_waves[i], crop, s, sr, gen)
+                for i, s in zip(idx.tolist(), speeds, strict=True)
+            ])  # fmt: skip
             waves = codec_augment(waves, gen)
             gains = 10 ** (torch.empty(len(idx), 1).uniform_(-0.5, 0.3, generator=gen))  # +-dB, beyond the corpus
             loss = train_step(
-                network, head, features, augment, optimizer, waves * gains, train_voices[idx], train_classes[idx],
+                network, head, features, augment, optimizer, waves * gains, targets, train_classes[idx],
                 cfg, bf16,
             )  # fmt: skip
             scheduler.step()
@@ -577,6 +630,8 @@ def main(argv: list[str] | None = None) -> int:
         flag = "--" + name.replace("_", "-")
         if name == "arch":
             parser.add_argument(flag, default=value, choices=sorted(ARCHITECTURES))
+        elif isinstance(value, tuple):
+            parser.add_argument(flag, type=float, nargs="*", default=value, help=f"default {value}")
         elif name == "bf16":
             parser.add_argument(flag, default=value, choices=["auto", "on", "off"])
         elif isinstance(value, bool):
@@ -588,6 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = TrainConfig(**{name: getattr(args, name) for name in asdict(defaults)})
+    cfg.speed_perturb = tuple(cfg.speed_perturb)
     train(args.data, args.out, cfg, FeatureConfig(n_mels=args.n_mels, hop_ms=args.hop_ms), args.resume, args.stop_after)
     return 0
 
