@@ -495,6 +495,9 @@ def test_speed_perturbed_pseudo_speakers_skip_labels_and_voices_the_corpus_alrea
     # only the two voices with no warps of their own get rows, after the 6 voices', speed by speed
     assert rows.tolist() == [[-1, -1], [-1, -1], [-1, -1], [-1, -1], [6, 8], [7, 9]]
     assert pseudo_speakers(voices, set(), ()).shape == (6, 0)
+    for bad in ((1.0,), (0.9, 0.9), (-1.1,)):  # 1.0 would be each voice's twin
+        with pytest.raises(ValueError, match="distinct"):
+            pseudo_speakers(voices, set(), bad)
 
 
 def test_speed_crop_raises_pitch_by_the_factor_and_keeps_the_length():

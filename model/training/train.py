@@ -180,12 +180,20 @@ class AdditiveAngularMargin(nn.Module):
         return self.scale * torch.where(onehot, phi, cos)
 
 
+def check_speeds(speeds: tuple[float, ...]) -> None:
+    """Refuse speed-perturbation factors that would not make new voices: 1.0 (each voice's twin),
+    repeats, and factors outside (0, 2)."""
+    if any(not 0 < s < 2 or s == 1.0 for s in speeds) or len(set(speeds)) != len(speeds):
+        raise ValueError(f"speed perturbation factors must be distinct, in (0, 2) and not 1.0: {speeds}")
+
+
 def pseudo_speakers(voices: list[str], labelled: set[int], speeds: tuple[float, ...]) -> Tensor:
     """``(V, len(speeds))``: the margin-head row of voice ``v`` sped up by ``speeds[k]``, or -1
     where it gets none: the labelled voices (their class stays theirs alone), and voices the corpus
     already warps, and their warps (``flite-rms-w088`` sped up 1.12 times is nearly ``flite-rms``:
     two rows for one voice would push the embedding apart where it should agree). New rows follow
     the voices', speed by speed."""
+    check_speeds(speeds)
     warped_bases = {WARPED.sub("", v) for v in voices if WARPED.search(v)}
     eligible = [i for i, v in enumerate(voices) if i not in labelled and not WARPED.search(v) and v not in warped_bases]
     rows = torch.full((len(voices), len(speeds)), -1, dtype=torch.long)
@@ -644,6 +652,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = TrainConfig(**{name: getattr(args, name) for name in asdict(defaults)})
     cfg.speed_perturb = tuple(cfg.speed_perturb)
+    try:
+        check_speeds(cfg.speed_perturb)
+    except ValueError as e:
+        parser.error(f"--speed-perturb: {e}")
     train(args.data, args.out, cfg, FeatureConfig(n_mels=args.n_mels, hop_ms=args.hop_ms), args.resume, args.stop_after)
     return 0
 
