@@ -20,18 +20,16 @@ from model.training import corpus, voices
 from model.training.calibrate import main as calibrate_main
 from model.training.centre import fold_affine, spread_statistics, voice_weighting, whitening
 from model.training.centre import main as centre_main
-from model.training.data import UNLABELLED, load_waves, scan
+from model.training.data import UNLABELLED, load_waves, scan, speed_crop
 from model.training.evaluate import evaluate, evaluate_open_set
 from model.training.metrics import equal_error_rate, leave_one_out_centroid, min_dcf, open_set_report, threshold_at_far
 from model.training.train import (
     CODEC_SETTINGS,
-    WARPED,
     AdditiveAngularMargin,
     CodecAugment,
     SpecAugment,
     TrainConfig,
     pseudo_speakers,
-    speed_crop,
     train,
     warm_start,
 )
@@ -384,7 +382,7 @@ def test_train_cli_writes_loadable_weights_report_and_resumes(tiny_corpus, tmp_p
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     # one margin-head row per training voice, and one per speed for each unlabelled, unwarped one
     background = {it.voice for it in scan(tiny_corpus).split("train") if it.label == UNLABELLED}
-    unwarped = {v for v in background if not WARPED.search(v)}
+    unwarped = {v for v in background if not voices.WARPED.search(v)}
     assert checkpoint["head"]["weight"].shape[0] == len(checkpoint["voices"]) + 2 * len(unwarped) > 9 + len(background)
     # class centroids and the known-voice threshold, for /classify's 'known'
     assert len(loaded.manifest.class_centroids) == 9 and loaded.manifest.known_threshold is not None

@@ -41,6 +41,7 @@ import torchaudio.functional as AF
 from tqdm import tqdm
 
 from model.audio import decode, resample
+from model.training.data import speed_up
 from model.training.sentences import sentences
 from model.training.voices import ESPEAK_VARIANT_FILES, LABEL_VOICES, Voice, catalogue, synthetic_variants
 
@@ -263,9 +264,7 @@ def speak(voice: Voice, text: str, rate: float, pitch: int, workdir: Path) -> to
     read as if sampled at ``warp`` x the rate (pitch, formants and tempo move together)."""
     samples, sr = synthesise(voice, text, rate, pitch, workdir)
     wave = resample(torch.from_numpy(np.ascontiguousarray(samples)), sr, SAMPLE_RATE)
-    if voice.warp != 1.0:
-        wave = resample(wave, round(SAMPLE_RATE * voice.warp), SAMPLE_RATE)
-    return wave
+    return speed_up(wave, voice.warp, SAMPLE_RATE)
 
 
 def colored_noise(kind: str, n: int, sr: int, gen: torch.Generator) -> torch.Tensor:

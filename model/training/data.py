@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from model.audio import load
+from model.audio import load, resample
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".webm"}
 SPLITS = ("train", "val", "test")
@@ -105,3 +106,17 @@ def random_crop(wave: Tensor, length: int, gen: torch.Generator) -> Tensor:
         wave = wave.repeat(length // max(1, wave.numel()) + 1)
     start = int(torch.randint(0, wave.numel() - length + 1, (1,), generator=gen))
     return wave[start : start + length]
+
+
+def speed_up(wave: Tensor, speed: float, sample_rate: int) -> Tensor:
+    """``wave`` played ``speed`` times faster: read as if sampled at ``speed`` x the rate, so pitch,
+    formants and tempo move together (the corpus's warped pseudo-speakers, and training's
+    speed-perturbed ones)."""
+    return wave if speed == 1.0 else resample(wave, round(sample_rate * speed), sample_rate)
+
+
+def speed_crop(wave: Tensor, length: int, speed: float, sample_rate: int, gen: torch.Generator) -> Tensor:
+    """A random ``length``-sample window of ``wave`` played ``speed`` times faster (a window of
+    ``length * speed`` samples through :func:`speed_up`)."""
+    out = speed_up(random_crop(wave, round(length * speed), gen), speed, sample_rate)
+    return out[:length] if out.numel() >= length else F.pad(out, (0, length - out.numel()))

@@ -25,7 +25,6 @@ import logging
 import math
 import platform
 import random
-import re
 import shlex
 import sys
 import time
@@ -45,15 +44,15 @@ from model.resnet import ARCHITECTURES, ResNet, build
 from model.runtime import EmbeddingModel
 from model.training.calibrate import COHORT_CLIPS, COHORT_TOP, calibrate, embed_all, known_scores, pick_cohort
 from model.training.centre import centre
-from model.training.data import UNLABELLED, Dataset, load_waves, random_crop, scan
+from model.training.data import UNLABELLED, Dataset, load_waves, random_crop, scan, speed_crop, speed_up
 from model.training.metrics import open_set_report, summarise
+from model.training.voices import WARPED
 from model.weights import Manifest, read, save
 
 log = logging.getLogger(__name__)
 
 WARM_START_CLIPS = 2  # clips a voice for its margin-head row under --init
 WARM_START_CROP_S = 3.0  # seconds of each
-WARPED = re.compile(r"-w\d{3}$")  # how model.training.voices names a voice's speed-warped pseudo-speakers
 
 
 @dataclass
@@ -91,6 +90,10 @@ class TrainConfig:
     # voice's crops are, with equal chances, as recorded or sped up by one of these factors, each
     # factor a pseudo-speaker of its own in the margin head; (): none
     speed_perturb: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.speed_perturb = tuple(self.speed_perturb)  # the CLI gives a list
+        check_speeds(self.speed_perturb)
 
 
 def bf16_supported() -> bool:
@@ -202,15 +205,6 @@ def pseudo_speakers(voices: list[str], labelled: set[int], speeds: tuple[float, 
     return rows
 
 
-def speed_crop(wave: Tensor, length: int, speed: float, sample_rate: int, gen: torch.Generator) -> Tensor:
-    """A random ``length``-sample window of ``wave`` played ``speed`` times faster: pitch, formants
-    and tempo move together, as the corpus's warped pseudo-speakers do (a window of ``length *
-    speed`` samples resampled as if recorded at ``sample_rate * speed``)."""
-    window = random_crop(wave, round(length * speed), gen)
-    out = torchaudio.functional.resample(window, round(sample_rate * speed), sample_rate)
-    return out[:length] if out.numel() >= length else F.pad(out, (0, length - out.numel()))
-
-
 def warm_start(
     network: ResNet,
     head: AdditiveAngularMargin,
@@ -248,9 +242,7 @@ def warm_start(
             rows = [(v, 1.0)] + [(int(r), s) for r, s in zip(pseudo[v], cfg.speed_perturb, strict=True) if r >= 0]
             for i in clips:
                 for row, speed in rows:
-                    wave = train_waves[i][: round(window * speed)]
-                    if speed != 1.0:
-                        wave = torchaudio.functional.resample(wave, round(sr * speed), sr)
+                    wave = speed_up(train_waves[i][: round(window * speed)], speed, sr)
                     _, emb = network(features(wave.unsqueeze(0)))
                     sums[row] += F.normalize(emb[0].float(), dim=0)
     network.train()
@@ -443,17 +435,17 @@ def train(
             if len(others):
                 idx = torch.cat([idx, draw(others, cfg.batch_size - n_labelled)])
             head.margin = margin_at(cfg, epoch * steps_per_epoch + step, total_steps)
-            targets = train_voices[idx]
-            speeds = [1.0] * len(idx)
-            if cfg.speed_perturb:  # as recorded or one of the speeds, with equal chances
-                choice = torch.randint(len(cfg.speed_perturb) + 1, (len(idx),), generator=gen).tolist()
-                for n, k in enumerate(choice):
-                    if k and pseudo[targets[n], k - 1] >= 0:
-                        speeds[n], targets[n] = cfg.speed_perturb[k - 1], pseudo[targets[n], k - 1]
-            waves = torch.stack([
-                random_crop(train_waves[i], crop, gen) if s == 1.0 else speed_crop(train_waves[i], crop, s, sr, gen)
-                for i, s in zip(idx.tolist(), speeds, strict=True)
-            ])  # fmt: skip
+            targets, speeds = train_voices[idx], [1.0] * len(idx)
+            if cfg.speed_perturb:  # as recorded (0) or one of the speeds (k), with equal chances
+                k = torch.randint(len(cfg.speed_perturb) + 1, (len(idx),), generator=gen)
+                rows = torch.where(k > 0, pseudo[targets, (k - 1).clamp_min(0)], -1)
+                targets = torch.where(rows >= 0, rows, targets)
+                speeds = [
+                    cfg.speed_perturb[j - 1] if r >= 0 else 1.0 for j, r in zip(k.tolist(), rows.tolist(), strict=True)
+                ]
+            waves = torch.stack(
+                [speed_crop(train_waves[i], crop, s, sr, gen) for i, s in zip(idx.tolist(), speeds, strict=True)]
+            )
             waves = codec_augment(waves, gen)
             gains = 10 ** (torch.empty(len(idx), 1).uniform_(-0.5, 0.3, generator=gen))  # +-dB, beyond the corpus
             loss = train_step(
@@ -650,12 +642,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hop-ms", type=float, default=FeatureConfig.hop_ms, help="frame hop of the front end")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    cfg = TrainConfig(**{name: getattr(args, name) for name in asdict(defaults)})
-    cfg.speed_perturb = tuple(cfg.speed_perturb)
     try:
-        check_speeds(cfg.speed_perturb)
+        cfg = TrainConfig(**{name: getattr(args, name) for name in asdict(defaults)})
     except ValueError as e:
-        parser.error(f"--speed-perturb: {e}")
+        parser.error(str(e))
     train(args.data, args.out, cfg, FeatureConfig(n_mels=args.n_mels, hop_ms=args.hop_ms), args.resume, args.stop_after)
     return 0
 

@@ -140,6 +140,7 @@ FESTIVAL_VOICES = (
     "voice_upc_ca_ona_hts",
 )
 WARPS = (0.88, 0.94, 1.06, 1.12)  # pseudo-speakers: fixed speed warps of a base voice
+WARPED = re.compile(r"-w\d{3}$")  # the end of a warped pseudo-speaker's label (warp_suffix)
 OPEN_VAL_FAMILIES = 12
 OPEN_TEST_FAMILIES = 16
 ACCENTS_PER_TRAIN_VARIANT = 6
@@ -223,9 +224,14 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9-]+", "-", text).strip("-")
 
 
+def warp_suffix(warp: float) -> str:
+    """``-w088`` for a warp of 0.88 (matched by ``WARPED``); ``""`` for the voice as synthesised."""
+    return f"-w{round(warp * 100):03d}" if warp != 1.0 else ""
+
+
 def _espeak(accent: str, variant: str, role: str, warp: float = 1.0) -> Voice:
-    suffix = f"-w{round(warp * 100):03d}" if warp != 1.0 else ""
-    return Voice(f"espeak-{accent}-{_slug(variant)}{suffix}", "espeak", f"{accent}+{variant}", warp, role)
+    label = f"espeak-{accent}-{_slug(variant)}{warp_suffix(warp)}"
+    return Voice(label, "espeak", f"{accent}+{variant}", warp, role)
 
 
 def catalogue() -> list[Voice]:
@@ -263,7 +269,7 @@ def catalogue() -> list[Voice]:
         voices.append(_espeak(rng.choice(ESPEAK_ACCENTS), variant, "train"))
     for base in [*LABEL_VOICES[:5], *festival]:  # flite and festival voices are few: warp all of them
         for w in WARPS:
-            voices.append(Voice(f"{base.label}-w{round(w * 100):03d}", base.engine, base.name, w, "train"))
+            voices.append(Voice(f"{base.label}{warp_suffix(w)}", base.engine, base.name, w, "train"))
     labels = [v.label for v in voices]
     assert len(set(labels)) == len(labels), "voice labels must be unique"
     return voices
