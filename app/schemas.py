@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -68,8 +68,22 @@ class ClassifyResponse(BaseModel):
     model: ModelRef
 
 
+def score_field() -> Any:
+    return Field(
+        description="the verification score, on the scale of 'threshold': the cosine of the two embeddings or, for "
+        "weights calibrated with adaptive s-norm (score_kind 'as-norm'), that cosine as standard deviations above "
+        "what each side scores against its own nearest background voices, averaged over the two sides"
+    )
+
+
+def score_kind_field() -> Any:
+    return Field(description="what 'score' and 'threshold' are: 'cosine', or 'as-norm' (adaptive s-norm)")
+
+
 class VerifyResponse(BaseModel):
-    score: float = Field(description="cosine similarity of the two embeddings")
+    score: float = score_field()
+    cosine: float = Field(description="cosine similarity of the two embeddings")
+    score_kind: Literal["cosine", "as-norm"] = score_kind_field()
     same_speaker: bool
     threshold: float
     duration_s: dict[str, float]
@@ -122,7 +136,9 @@ class SpeakerRef(BaseModel):
 
 class SpeakerVerifyResponse(BaseModel):
     speaker: SpeakerRef
-    score: float = Field(description="cosine of the clip's embedding to the profile's voiceprint")
+    score: float = score_field()
+    cosine: float = Field(description="cosine of the clip's embedding to the profile's voiceprint")
+    score_kind: Literal["cosine", "as-norm"] = score_kind_field()
     same_speaker: bool
     threshold: float
     model: ModelRef
@@ -131,13 +147,15 @@ class SpeakerVerifyResponse(BaseModel):
 class Match(BaseModel):
     id: str
     name: str
-    score: float
+    score: float = score_field()
+    cosine: float = Field(description="cosine of the clip's embedding to the profile's voiceprint")
 
 
 class IdentifyResponse(BaseModel):
     matches: list[Match] = Field(description="the best top_k profiles, best first")
     speaker: Match | None = Field(description="the best match, or null when its score is below the threshold")
     threshold: float
+    score_kind: Literal["cosine", "as-norm"] = score_kind_field()
     searched: int = Field(description="profiles compared (this namespace's, made with the served weights)")
     skipped_stale: int = Field(description="profiles made with other weights, not compared")
     model: ModelRef
@@ -170,6 +188,7 @@ class ModelInfo(BaseModel):
     sample_rate: int
     features: dict[str, Any]
     verification_threshold: float | None
+    verification_score: Literal["cosine", "as-norm"] = Field(description="the scale of verification_threshold")
     known_threshold: float | None = Field(None, description="the open-set threshold of /classify's 'known'")
     metrics: dict[str, Any]
     limits: dict[str, float]

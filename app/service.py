@@ -219,6 +219,35 @@ class InferenceService:
     def known_threshold(self) -> float | None:
         return self.require_model().manifest.known_threshold
 
+    @property
+    def score_kind(self) -> str:
+        """What verification scores are: "cosine", or "as-norm" (adaptive s-norm) when the weights say so."""
+        return "as-norm" if self.require_model().norm_top else "cosine"
+
+    def scoring_key(self) -> tuple[Any, ...]:
+        """Identifies how the loaded weights score, for caching :meth:`norm_statistics`."""
+        m = self.require_model().manifest
+        return (m.sha256, id(m.cohort), self.require_model().norm_top)
+
+    def norm_statistics(self, voiceprints: np.ndarray) -> np.ndarray | None:
+        """What scoring needs of each row of ``voiceprints`` (N, E), reusable across queries:
+        None where scores are plain cosines."""
+        stats = self.require_model().norm_statistics(torch.from_numpy(np.ascontiguousarray(voiceprints)))
+        return None if stats is None else stats.numpy()
+
+    def verification_scores(
+        self, query: np.ndarray, voiceprints: np.ndarray, statistics: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``query`` (E,) against each row of ``voiceprints`` (M, E): the verification scores, on the
+        scale of the calibrated threshold, and the cosines, both (M,). ``statistics``: from
+        :meth:`norm_statistics` of the same rows."""
+        scores, cosines = self.require_model().verification_scores(
+            torch.from_numpy(np.ascontiguousarray(query, dtype=np.float32)).reshape(1, -1),
+            torch.from_numpy(np.ascontiguousarray(voiceprints, dtype=np.float32)),
+            None if statistics is None else torch.from_numpy(statistics),
+        )
+        return scores[0].numpy(), cosines[0].numpy()
+
     def model_ref(self) -> dict[str, str]:
         m = self.require_model().manifest
         return {"name": m.name, "version": m.version, "sha256": m.sha256}
@@ -235,6 +264,7 @@ class InferenceService:
             "sample_rate": m.sample_rate,
             "features": m.features.to_dict(),
             "verification_threshold": m.verification_threshold,
+            "verification_score": self.score_kind,
             "known_threshold": m.known_threshold,
             "metrics": m.metrics,
             "execution": {

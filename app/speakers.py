@@ -25,7 +25,7 @@ import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -261,6 +261,9 @@ class Index:
     names: list[str]
     matrix: np.ndarray  # (N, E) float32, rows normalised
     stale: int
+    # what scoring needs of each voiceprint (adaptive s-norm statistics), made once by the first
+    # search under a model and kept while the index is: key (the scoring's identity) -> (N, 2)
+    statistics: dict[Any, np.ndarray | None] = field(default_factory=dict)
 
 
 class SpeakerStore:

@@ -270,7 +270,13 @@ def single(args: argparse.Namespace) -> int:
     with Client(args.url, args.api_key, args.timeout, args.retries) as http:
         if args.command == "verify":
             v = http.verify(args.a, args.b)
-            out: dict[str, Any] = {"score": v.score, "same_speaker": v.same_speaker, "threshold": v.threshold}
+            out: dict[str, Any] = {
+                "score": v.score,
+                "cosine": v.cosine,
+                "score_kind": v.score_kind,
+                "same_speaker": v.same_speaker,
+                "threshold": v.threshold,
+            }
         else:
             metadata = json.loads(args.metadata) if args.metadata else None
             s = http.enrol(args.name, find_audio(args.paths), metadata)

@@ -90,10 +90,20 @@ class Verification:
     threshold: float
     duration_s: dict[str, float]
     model: ModelRef
+    cosine: float | None = None  # the plain cosine (servers before adaptive s-norm: absent)
+    score_kind: str = "cosine"  # what score and threshold are: "cosine" or "as-norm"
 
     @classmethod
     def of(cls, d: dict[str, Any]) -> Verification:
-        return cls(d["score"], d["same_speaker"], d["threshold"], d["duration_s"], ModelRef.of(d["model"]))
+        return cls(
+            d["score"],
+            d["same_speaker"],
+            d["threshold"],
+            d["duration_s"],
+            ModelRef.of(d["model"]),
+            d.get("cosine", d["score"] if d.get("score_kind", "cosine") == "cosine" else None),
+            d.get("score_kind", "cosine"),
+        )
 
 
 @dataclass(frozen=True)

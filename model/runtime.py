@@ -190,6 +190,37 @@ class EmbeddingModel:
         index, score = open_set_scores(embedding.reshape(1, -1), centroids, cohort, top)
         return int(index[0]), float(score[0]), float(score[0]) >= m.known_threshold
 
+    @property
+    def norm_top(self) -> int:
+        """Background voices per side in the verification score (adaptive s-norm); 0: plain cosine."""
+        m = self.manifest
+        if m.verification_norm is None or m.cohort is None:
+            return 0
+        return int(m.verification_norm["top"])
+
+    def norm_statistics(self, embeddings: Tensor) -> Tensor | None:
+        """For each embedding (rows), what :func:`as_norm` needs of it: ``(N, 2)``, the mean and
+        standard deviation of its cosines to its nearest background voices. None without
+        ``verification_norm``. Compute it once per enrolled voiceprint and reuse it."""
+        top = self.norm_top
+        if top == 0:
+            return None
+        return cohort_statistics(embeddings, self._unit_rows("cohort", self.manifest.cohort), top)
+
+    def verification_scores(self, a: Tensor, b: Tensor, b_statistics: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The verification score of every pair of rows of ``a`` (N, E) and ``b`` (M, E), the
+        scale ``verification_threshold`` is on, and their cosines: ``(scores, cosines)``, (N, M).
+        The score is the cosine, or with ``verification_norm`` its adaptive s-norm (:func:`as_norm`).
+        ``b_statistics``: :meth:`norm_statistics` of ``b`` when already known."""
+        ua, ub = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+        cosines = ua @ ub.T
+        stats_a = self.norm_statistics(ua)
+        if stats_a is None:
+            return cosines, cosines
+        stats_b = b_statistics if b_statistics is not None else self.norm_statistics(ub)
+        assert stats_b is not None
+        return as_norm(cosines, stats_a[:, None], stats_b[None, :]), cosines
+
     def _unit_rows(self, name: str, rows: Any) -> Tensor:
         """The manifest's ``rows`` (centroids or background voices) as float32 unit rows, made once
         for each object the manifest holds (recalibration replaces them)."""
@@ -272,6 +303,34 @@ def open_set_scores(
     if cohort is not None:
         score = score - (e @ cohort.T).topk(top, dim=-1).values.mean(-1)
     return index, score
+
+
+def cohort_statistics(embeddings: Tensor, cohort: Tensor, top: int) -> Tensor:
+    """``(N, 2)``: the mean and standard deviation of each embedding's ``top`` highest cosines to
+    the cohort (unit rows). In blocks of rows, so that many voiceprints (an /identify index of
+    100,000) never make one (N, cohort) matrix at once."""
+    unit = F.normalize(embeddings.float(), dim=-1)
+    out = torch.empty(len(unit), 2)
+    for start in range(0, len(unit), STATISTICS_BLOCK):
+        nearest = (unit[start : start + STATISTICS_BLOCK] @ cohort.T).topk(top, dim=-1).values
+        out[start : start + len(nearest), 0] = nearest.mean(-1)
+        out[start : start + len(nearest), 1] = nearest.std(-1).clamp_min(1e-4)
+    return out
+
+
+STATISTICS_BLOCK = 4096  # rows per block in cohort_statistics: 4096 x 652 float32 is 10 MiB
+
+
+def as_norm(cosines: Tensor, stats_a: Tensor, stats_b: Tensor) -> Tensor:
+    """Adaptive s-norm (Matejka et al., 2017; the score normalisation of WeSpeaker and 3D-Speaker),
+    elementwise: ``cosines`` (any shape), each side's :func:`cohort_statistics` (that shape and 2,
+    or broadcastable to it). Each cosine as standard deviations above what each side scores against its own
+    nearest background voices, averaged over the two sides. A clip in noise or through a codec
+    scores lower against every voice, its own included; measured against its own cohort it stops
+    being penalised, and a voice near many others stops being favoured."""
+    za = (cosines - stats_a[..., 0]) / stats_a[..., 1]
+    zb = (cosines - stats_b[..., 0]) / stats_b[..., 1]
+    return 0.5 * (za + zb)
 
 
 def load(path: str | Path) -> EmbeddingModel:

@@ -66,6 +66,10 @@ class Manifest:
     # read by :func:`read` and written by :func:`write_manifest`, never part of the JSON.
     known_cohort: dict[str, Any] | None = None
     cohort: Tensor | None = field(default=None, repr=False, compare=False)
+    # Optional, with the cohort: verification scores are adaptive s-norm scores against the
+    # ``verification_norm["top"]`` nearest background voices of each side (``model.runtime.as_norm``),
+    # and ``verification_threshold`` is on that scale rather than a cosine.
+    verification_norm: dict[str, Any] | None = None
     # Optional int8 model made from these weights by ``python -m model.training.quantize``: an
     # OpenVINO IR (``model``: .xml, ``weights``: .bin, beside the manifest) named with their
     # sha256s, the sha256 of the tensors it was made from, and what the quantisation measured.
@@ -97,6 +101,7 @@ class Manifest:
             "known_threshold": self.known_threshold,
             "class_centroids": self.class_centroids,
             **({"known_cohort": self.known_cohort} if self.known_cohort is not None else {}),
+            **({"verification_norm": self.verification_norm} if self.verification_norm is not None else {}),
             "provenance": self.provenance,
             "metrics": self.metrics,
             **({"int8": self.int8} if self.int8 is not None else {}),
@@ -134,10 +139,14 @@ class Manifest:
             raise ValueError(
                 f"sample_rate {data['sample_rate']} disagrees with features.sample_rate {features.sample_rate}"
             )
-        threshold = _cosine_or_none(data, "verification_threshold")
         cohort = data.get("known_cohort")
         if cohort is not None:
             _check_cohort(cohort, data.get("class_centroids") is not None)
+        norm = data.get("verification_norm")
+        if norm is not None:
+            _check_norm(norm, cohort)
+        # a cosine, or with adaptive s-norm a normalised score (a few standard deviations)
+        threshold = _cosine_or_none(data, "verification_threshold", 1 if norm is None else AS_NORM_BOUND)
         # a cosine, or with a cohort a difference of two cosines
         known_threshold = _cosine_or_none(data, "known_threshold", 1 if cohort is None else 2)
         centroids = data.get("class_centroids")
@@ -170,6 +179,7 @@ class Manifest:
             class_centroids=None if centroids is None else [[float(x) for x in row] for row in centroids],
             known_threshold=known_threshold,
             known_cohort=None if cohort is None else dict(cohort),
+            verification_norm=None if norm is None else dict(norm),
             int8=None if int8 is None else dict(int8),
         )
 
@@ -194,6 +204,19 @@ def _check_cohort(entry: Any, has_centroids: bool) -> None:
     assert isinstance(voices, int) and isinstance(top, int)
     if top > voices:
         raise ValueError(f"known_cohort.top ({top}) is more than its {voices} voices")
+
+
+AS_NORM_BOUND = 1000.0  # verification scores under adaptive s-norm: finite, unlike a cosine not in [-1, 1]
+
+
+def _check_norm(entry: Any, cohort: Any) -> None:
+    if not isinstance(entry, dict) or entry.get("method") != "as-norm":
+        raise ValueError('verification_norm must be {"method": "as-norm", "top": N}')
+    if cohort is None:
+        raise ValueError("verification_norm needs known_cohort (its background voices)")
+    top = entry.get("top")
+    if not isinstance(top, int) or isinstance(top, bool) or not 2 <= top <= cohort["voices"]:
+        raise ValueError(f"verification_norm.top must be an integer from 2 to {cohort['voices']}, got {top!r}")
 
 
 def read_cohort(root: Path, manifest: Manifest) -> Tensor | None:
@@ -247,7 +270,7 @@ def _cosine_or_none(data: dict[str, Any], key: str, bound: float = 1) -> float |
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not -bound <= value <= bound:
-        what = "a cosine" if bound == 1 else "a difference of cosines"
+        what = "a cosine" if bound == 1 else "a difference of cosines" if bound == 2 else "a normalised score"
         raise ValueError(f"{key} must be {what} in [-{bound:g}, {bound:g}], got {value!r}")
     return float(value)
 
@@ -336,6 +359,7 @@ def save(
     known_threshold: float | None = None,
     cohort: Tensor | None = None,
     cohort_top: int | None = None,
+    verification_norm: dict[str, Any] | None = None,
 ) -> Manifest:
     """Write ``network`` as a weights directory; returns the manifest written."""
     out = Path(out_dir)
@@ -359,6 +383,7 @@ def save(
         known_threshold=known_threshold,
         known_cohort=None if cohort is None else {"top": cohort_top},
         cohort=cohort,
+        verification_norm=verification_norm,
     )
     write_manifest(out, manifest)
     return manifest

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import model
 from model.training.corpus import LABELS
 from model.training.voices import catalogue
 from tests.conftest import EAGER, FORMATS, SHIPPED_WEIGHTS, Server, encode, speech, voice_speech, wav_bytes
@@ -126,21 +127,25 @@ def test_classify_says_when_the_voice_is_none_of_the_classes(client):
 
 
 def test_verify_same_and_different_voices(client):
-    same = client.post(
-        "/verify", files={"a": ("a.wav", wav_bytes(speech(2, 0))), "b": ("b.wav", wav_bytes(speech(2, 1)))}
-    ).json()
-    diff = client.post(
-        "/verify", files={"a": ("a.wav", wav_bytes(speech(2, 0))), "b": ("b.wav", wav_bytes(speech(7, 1)))}
-    ).json()
-    threshold = client.get("/v1/model").json()["verification_threshold"]
-    assert same["threshold"] == diff["threshold"] == threshold
+    a, same_b, diff_b = wav_bytes(speech(2, 0)), wav_bytes(speech(2, 1)), wav_bytes(speech(7, 1))
+    same = client.post("/verify", files={"a": ("a.wav", a), "b": ("b.wav", same_b)}).json()
+    diff = client.post("/verify", files={"a": ("a.wav", a), "b": ("b.wav", diff_b)}).json()
+    info = client.get("/v1/model").json()
+    assert same["threshold"] == diff["threshold"] == info["verification_threshold"]
+    assert same["score_kind"] == diff["score_kind"] == info["verification_score"]
     assert same["same_speaker"] is True and diff["same_speaker"] is False
-    assert same["score"] > diff["score"]
+    assert same["score"] > diff["score"] and same["cosine"] > diff["cosine"]
+    # the score is what the weights' scoring gives the clips' /embed embeddings: the cosine, or
+    # under adaptive s-norm each side's cosine against its nearest background voices taken out
+    emb = [torch.tensor(post_file(client, "/embed", x).json()["embedding"]) for x in (a, same_b, diff_b)]
+    weights = model.load(SHIPPED_WEIGHTS)
+    scores, cosines = weights.verification_scores(emb[0].reshape(1, -1), torch.stack(emb[1:]))
+    assert [same["score"], diff["score"]] == pytest.approx(scores[0].tolist(), abs=2e-3)
+    assert [same["cosine"], diff["cosine"]] == pytest.approx(cosines[0].tolist(), abs=1e-4)
     strict = client.post(
-        "/verify", params={"threshold": 0.9999},
-        files={"a": ("a.wav", wav_bytes(speech(2, 0))), "b": ("b.wav", wav_bytes(speech(2, 1)))},
-    ).json()  # fmt: skip
-    assert strict["threshold"] == 0.9999 and strict["same_speaker"] is False
+        "/verify", params={"threshold": same["score"] + 0.01}, files={"a": ("a.wav", a), "b": ("b.wav", same_b)}
+    ).json()
+    assert strict["threshold"] == same["score"] + 0.01 and strict["same_speaker"] is False
 
 
 def test_verify_errors_name_the_bad_part(client):
@@ -149,7 +154,10 @@ def test_verify_errors_name_the_bad_part(client):
     )
     assert err["message"].startswith("a: ")
     assert_error(client.post("/verify", files={"a": ("a.wav", wav_bytes(speech(1)))}), 400, "bad_request")
-    assert_error(client.post("/verify", params={"threshold": 2}, files={"a": ("a", b"x"), "b": ("b", b"x")}), 422)
+    # a threshold off the scores' scale, before any audio is decoded: beyond any normalised score,
+    # and beyond a cosine's [-1, 1] where the weights score by cosine
+    bad = {"cosine": 2, "as-norm": 2000}[client.get("/v1/model").json()["verification_score"]]
+    assert_error(client.post("/verify", params={"threshold": bad}, files={"a": ("a", b"x"), "b": ("b", b"x")}), 422)
 
 
 def test_batch_keeps_order_and_isolates_a_bad_file(client):

@@ -59,6 +59,7 @@ def test_typed_results_for_every_endpoint(server: Server, folder: Path) -> None:
         assert k.label == LABELS[3] and len(k.top_k) == 2 and set(k.probabilities) == set(LABELS)
         v = c.verify(clip, folder / "voice3-2.mp3")
         assert v.same_speaker and v.score >= v.threshold
+        assert v.score_kind in ("cosine", "as-norm") and v.cosine is not None and 0 < v.cosine <= 1
         items = c.embed_batch([clip, folder / "broken.wav"])
         assert items[0].result is not None and items[0].error is None
         assert items[1].result is None and items[1].error is not None and items[1].error.code == "undecodable_audio"

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import model
-from model import FeatureConfig, LogMelSpectrogram, WeightsError
+from model import FeatureConfig, LogMelSpectrogram, WeightsError, runtime
 from model.convert import convert
 from model.weights import file_sha256, write_manifest
 from tests import seed_reference as seed
@@ -274,6 +274,64 @@ def test_background_voices_lower_the_known_score_of_a_clip_near_them(weights_dir
     (weights_dir / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(WeightsError, match="known_threshold must be a cosine"):
         model.load(weights_dir)
+
+
+def test_adaptive_s_norm_scores_each_side_against_its_own_background_voices(weights_dir):
+    # 40 background voices on 40 axes; clip "crowded" leans on 10 of them (as a clip in noise
+    # scores high against many voices), clip "lone" on none
+    cohort = torch.eye(40, 256)
+    loaded = with_cohort(weights_dir, cohort, 3, 0.1)
+    # without verification_norm: scores are plain cosines
+    a, b = torch.randn(3, 256), torch.randn(4, 256)
+    scores, cosines = loaded.verification_scores(a, b)
+    assert torch.equal(scores, cosines) and loaded.norm_statistics(a) is None
+    assert torch.allclose(
+        cosines, torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(b, dim=-1).T
+    )
+    m = loaded.manifest
+    m.verification_norm, m.verification_threshold = {"method": "as-norm", "top": 10}, 2.5
+    write_manifest(weights_dir, m)
+    loaded = model.load(weights_dir)
+    assert loaded.norm_top == 10 and loaded.manifest.verification_threshold == 2.5  # not a cosine: accepted
+    target = torch.zeros(256)
+    target[200], target[20:40] = 1.0, torch.linspace(0.0, 0.2, 20)  # a voice, a little like some of them
+    lean = torch.zeros(256)
+    lean[:10] = torch.linspace(0.2, 0.4, 10)
+    crowded, lone = target + lean, target.clone()
+    lone[100:110] = lean[:10]  # the same length and cosine to the voice, away from every background voice
+    voice = torch.stack([target])
+    s, c = loaded.verification_scores(torch.stack([crowded, lone]), voice)
+    assert c[0, 0] == pytest.approx(float(c[1, 0]), abs=1e-6)  # one cosine to the voice ...
+    assert s[0, 0] < s[1, 0]  # ... but the clip near every background voice scores lower
+    stats = loaded.norm_statistics(voice)
+    assert torch.equal(loaded.verification_scores(torch.stack([crowded, lone]), voice, stats)[0], s)
+    # each side as standard deviations above its own top-10 background cosines, averaged
+    u = torch.nn.functional.normalize(torch.stack([crowded, target]), dim=-1)
+    top = (u @ cohort.T).topk(10, dim=-1).values
+    z = [(float(c[0, 0]) - float(t.mean())) / float(t.std()) for t in top]
+    assert float(s[0, 0]) == pytest.approx(sum(z) / 2, rel=1e-4)
+    assert torch.allclose(s[:, 0], loaded.verification_scores(voice, torch.stack([crowded, lone]))[0][0])  # symmetric
+    # refused: without background voices, a top beyond them, another method
+    data = json.loads((weights_dir / "manifest.json").read_text())
+    for change, problem in (
+        ({"known_cohort": None, "class_centroids": None, "known_threshold": None}, "needs known_cohort"),
+        ({"verification_norm": {"method": "as-norm", "top": 41}}, "an integer from 2 to 40"),
+        ({"verification_norm": {"method": "z-norm", "top": 10}}, "must be"),
+        ({"verification_norm": None, "verification_threshold": 2.5}, "verification_threshold must be a cosine"),
+    ):
+        (weights_dir / "manifest.json").write_text(json.dumps({**data, **change}))
+        with pytest.raises(WeightsError) as exc:
+            model.load(weights_dir)
+        assert problem in one_line(exc)
+
+
+def test_cohort_statistics_of_many_voiceprints_match_one_block():
+    # an /identify index larger than a block gets the same statistics as computed at once
+    cohort = torch.nn.functional.normalize(torch.randn(50, 32), dim=-1)
+    prints = torch.randn(runtime.STATISTICS_BLOCK + 7, 32)
+    nearest = (torch.nn.functional.normalize(prints, dim=-1) @ cohort.T).topk(5, dim=-1).values
+    stats = runtime.cohort_statistics(prints, cohort, 5)
+    assert torch.allclose(stats, torch.stack([nearest.mean(-1), nearest.std(-1)], dim=-1), atol=1e-6)
 
 
 @pytest.mark.parametrize("damage", ["missing", "replaced", "wrong shape", "entry without centroids"])

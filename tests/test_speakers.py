@@ -116,12 +116,17 @@ def test_verify_and_identify(client):
         body = r.json()
         assert r.status_code == 200 and body["speaker"] == {"id": profile["id"], "name": profile["name"]}
         assert body["same_speaker"] is True and body["score"] >= body["threshold"]
+        assert body["score_kind"] in ("cosine", "as-norm") and body["cosine"] > 0.5
         other = 4 if label != 4 else 0
         r = client.post(f"/speakers/{profile['id']}/verify", files=[("file", clip(other, 5))], headers=auth("a"))
         assert r.json()["same_speaker"] is False
         found = client.post("/identify", files=[("file", clip(label, 6))], headers=auth("a")).json()
         assert found["speaker"]["id"] == profile["id"] and found["matches"][0]["id"] == profile["id"]
         assert [m["score"] for m in found["matches"]] == sorted((m["score"] for m in found["matches"]), reverse=True)
+        again = client.post(f"/speakers/{profile['id']}/verify", files=[("file", clip(label, 6))], headers=auth("a"))
+        # /identify ranks by the score /speakers/{id}/verify gives, with its statistics cached
+        assert again.json()["score"] == pytest.approx(found["matches"][0]["score"], abs=1e-3)
+        assert again.json()["cosine"] == pytest.approx(found["matches"][0]["cosine"], abs=1e-5)
     never = client.post("/identify", files=[("file", clip(7, 6))], params={"top_k": 2}, headers=auth("a")).json()
     assert never["speaker"] is None and len(never["matches"]) == 2  # a voice nobody enrolled
     assert never["matches"][0]["score"] < never["threshold"] and never["skipped_stale"] == 0

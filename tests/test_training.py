@@ -395,6 +395,10 @@ def test_train_cli_writes_loadable_weights_report_and_resumes(tiny_corpus, tmp_p
     assert cohort["top"] == min(3, len(background)) and (tmp_path / "weights" / "cohort.safetensors").is_file()
     known = loaded.manifest.metrics["calibration"]["known"]
     assert "training voices outside the classes" in known["source"] and 0 <= known["eer_without_cohort"] <= 1
+    # /verify's scores: adaptive s-norm against the same background voices (all of them in this
+    # small corpus, 300 in a large one), the threshold on that scale, the cosine's EER beside it
+    assert loaded.manifest.verification_norm == {"method": "as-norm", "top": min(300, len(background))}
+    assert "adaptive s-norm" in verification["source"] and 0 <= verification["eer_cosine"] <= 1
     # save -> reload gives identical outputs
     x = torch.randn(2, 1, features.n_mels, 120)
     again = model.load(tmp_path / "weights")
@@ -406,6 +410,7 @@ def test_train_cli_writes_loadable_weights_report_and_resumes(tiny_corpus, tmp_p
     assert open_set["voices"] == 2 and open_set["clips"] == 16 and open_set["min_clips_per_voice"] == 8
     assert 0 <= open_set["eer"] <= 1 and 0 <= open_set["centroid_accuracy"] <= 1 and open_set["per_condition"]
     assert 0 <= open_set["flagged_unknown"] <= 1 and open_set["classes_flagged_unknown"]["clips"] == 18
+    assert open_set["score"] == "as-norm" and 0 <= open_set["eer_cosine"] <= 1
     # recalibrating on the training corpus reproduces what training calibrated
     again_dir = tmp_path / "recalibrated"
     shutil.copytree(tmp_path / "weights", again_dir)
@@ -415,6 +420,7 @@ def test_train_cli_writes_loadable_weights_report_and_resumes(tiny_corpus, tmp_p
     assert recalibrated.known_threshold == loaded.manifest.known_threshold
     assert recalibrated.class_centroids == loaded.manifest.class_centroids
     assert recalibrated.known_cohort is not None and recalibrated.known_cohort["top"] == cohort["top"]
+    assert recalibrated.verification_norm == loaded.manifest.verification_norm
     assert recalibrated.cohort is not None and loaded.manifest.cohort is not None
     assert torch.allclose(recalibrated.cohort.float(), loaded.manifest.cohort.float(), atol=2e-3)
     # centring existing weights: written only where it lowers the open-set validation EER, and then

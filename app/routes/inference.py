@@ -23,6 +23,7 @@ from app.schemas import (
 )
 from app.service import ClipResult, InferenceService
 from app.uploads import Intake, Upload, media_type, read_audio, read_form_files
+from model.weights import AS_NORM_BOUND
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -264,7 +265,7 @@ async def analyse_named(service: InferenceService, intake: Intake, name: str, up
 @router.post(
     "/verify",
     response_model=VerifyResponse,
-    summary="are clips 'a' and 'b' the same voice? cosine of their embeddings against a threshold",
+    summary="are clips 'a' and 'b' the same voice? their verification score against a threshold",
     openapi_extra=audio_body(["a", "b"]),
     responses=ERRORS,
 )
@@ -273,7 +274,13 @@ async def verify(
     service: ServiceDep,
     settings: SettingsDep,
     threshold: Annotated[
-        float | None, Query(ge=-1.0, le=1.0, description="cosine threshold; default: the calibrated one")
+        float | None,
+        Query(
+            ge=-AS_NORM_BOUND,
+            le=AS_NORM_BOUND,
+            description="threshold on the scale of 'score' (GET /v1/model's verification_score: a cosine, or an "
+            "adaptive s-norm score); default: the calibrated one",
+        ),
     ] = None,
 ) -> Any:
     service.require_model()
@@ -286,12 +293,19 @@ async def verify(
         chosen = threshold if threshold is not None else service.threshold
         if chosen is None:
             raise ApiError(422, "invalid_parameters", "these weights have no calibrated threshold; pass ?threshold=")
+        if service.score_kind == "cosine" and not -1.0 <= chosen <= 1.0:
+            raise ApiError(
+                422, "invalid_parameters", f"threshold {chosen} is not a cosine, and these weights score by cosine"
+            )
         intake.expect(2)
         async with service.admitted(2):
             a, b = await asyncio.gather(*(analyse_named(service, intake, n, found[n][0]) for n in ("a", "b")))
-    score = float(np.dot(l2_normalize(a.embedding), l2_normalize(b.embedding)))
+    scores, cosines = service.verification_scores(a.embedding, b.embedding.reshape(1, -1))
+    score = float(scores[0])
     return {
         "score": score,
+        "cosine": float(cosines[0]),
+        "score_kind": service.score_kind,
         "same_speaker": score >= chosen,
         "threshold": chosen,
         "duration_s": {"a": round(a.duration_s, 4), "b": round(b.duration_s, 4)},

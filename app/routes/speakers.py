@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from app.config import Settings
 from app.deps import ServiceDep, SettingsDep
 from app.errors import ApiError
-from app.routes.inference import BINARY, ERRORS, content_length, l2_normalize, require_multipart, single
+from app.routes.inference import BINARY, ERRORS, content_length, require_multipart, single
 from app.schemas import ErrorResponse, IdentifyResponse, SpeakerList, SpeakerOut, SpeakerPatch, SpeakerVerifyResponse
 from app.service import ClipResult, InferenceService
 from app.speakers import Model, Profile, SpeakerStore, migrate, open_database
@@ -334,7 +334,7 @@ async def delete_speaker(
 @router.post(
     "/speakers/{speaker_id}/verify",
     response_model=SpeakerVerifyResponse,
-    summary="is this clip the enrolled speaker? cosine to the profile against the calibrated threshold",
+    summary="is this clip the enrolled speaker? its verification score against the calibrated threshold",
     openapi_extra=audio_form(("file", BINARY), required=["file"]),
     responses=SPEAKER_ERRORS,
 )
@@ -348,10 +348,13 @@ async def verify_speaker(
         raise stale(speaker_id)
     threshold = require_threshold(service)
     clip = await single(request, service, settings.max_files, multipart_only=True)
-    score = float(np.dot(profile.voiceprint, l2_normalize(clip.embedding)))
+    scores, cosines = service.verification_scores(clip.embedding, profile.voiceprint.reshape(1, -1))
+    score = float(scores[0])
     return {
         "speaker": {"id": profile.id, "name": profile.name},
         "score": score,
+        "cosine": float(cosines[0]),
+        "score_kind": service.score_kind,
         "same_speaker": score >= threshold,
         "threshold": threshold,
         "model": service.model_ref(),
@@ -367,7 +370,7 @@ def require_threshold(service: InferenceService) -> float:
 @router.post(
     "/identify",
     response_model=IdentifyResponse,
-    summary="which enrolled speaker is this, if any? exact cosine search over this namespace's profiles",
+    summary="which enrolled speaker is this, if any? exact search over this namespace's profiles by verification score",
     openapi_extra=audio_form(("file", BINARY), required=["file"]),
     responses=SPEAKER_ERRORS,
 )
@@ -386,17 +389,24 @@ async def identify(
     index = await in_store(speakers, lambda s: s.index(namespace, sha))
     matches: list[dict[str, Any]] = []
     if index.ids:
-        scores = index.matrix @ l2_normalize(clip.embedding).astype(np.float32)
+        key = service.scoring_key()
+        if key not in index.statistics:  # once per voiceprint, not per search
+            index.statistics[key] = service.norm_statistics(index.matrix)
+        scores, cosines = service.verification_scores(clip.embedding, index.matrix, index.statistics[key])
         k = min(top_k, len(scores))
         best = np.argpartition(-scores, k - 1)[:k]
         best = best[np.argsort(-scores[best], kind="stable")]
-        matches = [{"id": index.ids[i], "name": index.names[i], "score": float(scores[i])} for i in best]
+        matches = [
+            {"id": index.ids[i], "name": index.names[i], "score": float(scores[i]), "cosine": float(cosines[i])}
+            for i in best
+        ]
     service.metrics.stage.labels(stage="search").observe(time.perf_counter() - started)
     found = matches[0] if matches and matches[0]["score"] >= threshold else None
     return {
         "matches": matches,
         "speaker": found,
         "threshold": threshold,
+        "score_kind": service.score_kind,
         "searched": len(index.ids),
         "skipped_stale": index.stale,
         "model": service.model_ref(),

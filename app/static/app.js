@@ -208,11 +208,16 @@ $("compare").addEventListener("submit", async (ev) => {
     const v = await call("POST", "/verify", form([["a", a, a.name], ["b", b, b.name]]));
     $("same").textContent = v.same_speaker ? "Same voice" : "Different voices";
     $("same").className = "verdict " + (v.same_speaker ? "yes" : "no");
-    const toBar = (x) => Math.max(0, Math.min(100, 50 * (x + 1))) + "%"; // cosine -1..1 on the bar
+    // a cosine: -1..1 on the bar; an adaptive s-norm score: 0..twice the threshold
+    const asNorm = v.score_kind === "as-norm";
+    const span = asNorm ? Math.max(2 * v.threshold, 1) : 2;
+    const toBar = (x) => Math.max(0, Math.min(100, (100 * (asNorm ? x : x + 1)) / span)) + "%";
     $("score-bar").style.width = toBar(v.score);
     $("threshold-mark").style.left = toBar(v.threshold);
-    $("score-line").textContent =
-      "Cosine " + v.score.toFixed(3) + "; the same voice at " + v.threshold.toFixed(3) + " or more.";
+    $("score-line").textContent = asNorm
+      ? "Score " + v.score.toFixed(2) + " (adaptive s-norm; cosine " + v.cosine.toFixed(3) + "); the same voice at " +
+        v.threshold.toFixed(2) + " or more."
+      : "Cosine " + v.score.toFixed(3) + "; the same voice at " + v.threshold.toFixed(3) + " or more.";
     out.hidden = false;
     out.dataset.state = "done";
   } catch (e) {
@@ -274,7 +279,7 @@ $("identify").addEventListener("submit", async (ev) => {
   try {
     const r = await call("POST", "/identify", form([["file", f, f.name]]));
     out.textContent = r.speaker
-      ? "This is " + r.speaker.name + " (cosine " + r.speaker.score.toFixed(3) + ")."
+      ? "This is " + r.speaker.name + " (score " + r.speaker.score.toFixed(3) + ", cosine " + r.speaker.cosine.toFixed(3) + ")."
       : "None of the " + r.searched + " enrolled speakers" +
         (r.matches.length ? " (closest: " + r.matches[0].name + ", " + r.matches[0].score.toFixed(3) + ")" : "") + ".";
     out.dataset.state = "done";

@@ -118,7 +118,9 @@ def evaluate_open_set(model: EmbeddingModel, data_dir: Path, split: str = "open-
         raise ValueError(f"{data_dir}: no clips in split {split!r} (make the corpus with --open-per-voice)")
     waves = load_waves(items, model.sample_rate, f"loading {split}")
     emb = torch.stack([model.infer(w).embedding for w in waves])
-    report = open_set_report(emb, [it.voice for it in items], [it.conditions for it in items])
+    report = open_set_report(
+        emb, [it.voice for it in items], [it.conditions for it in items], statistics=model.norm_statistics(emb)
+    )
     report["split"] = split
     if model.nearest_class(emb[0]) is not None:
         report["flagged_unknown"] = sum(not _known(model, e) for e in emb) / len(emb)
@@ -159,10 +161,12 @@ def evaluate_identification(
         prints.append(F.normalize(emb[mine[:enrol_clips]].sum(0), dim=0))
         probes += [(k, enrolled.index(v)) for k in mine[enrol_clips:]]
     matrix, threshold = torch.stack(prints), model.manifest.verification_threshold
-    hits = [int((matrix @ emb[k]).argmax()) == want for k, want in probes]
-    accepted = [bool((matrix @ emb[k]).max() >= threshold) for k, want in probes]
+    stats = model.norm_statistics(matrix)  # once per voiceprint, as /identify does
+    scores = model.verification_scores(emb, matrix, stats)[0]  # (clips, voiceprints), on the threshold's scale
+    hits = [int(scores[k].argmax()) == want for k, want in probes]
+    accepted = [bool(scores[k].max() >= threshold) for k, want in probes]
     strangers = [k for k, it in enumerate(items) if it.voice not in enrolled]
-    rejected = [bool((matrix @ emb[k]).max() < threshold) for k in strangers]
+    rejected = [bool(scores[k].max() < threshold) for k in strangers]
     return {
         "split": split,
         "enrolled_voices": len(enrolled),
@@ -182,11 +186,16 @@ def _known(model: EmbeddingModel, embedding: torch.Tensor) -> bool:
     return found is not None and found[2]
 
 
+def _scale(r: dict[str, Any]) -> str:
+    return "adaptive s-norm" if r.get("score") == "as-norm" else "cosine"
+
+
 def format_open_set(r: dict[str, Any]) -> str:
     lines = [
         f"open-set split   {r['split']}: {r['clips']} clips of {r['voices']} voices never trained on "
         f"(at least {r['min_clips_per_voice']} per voice)",
-        f"EER              {r['eer']:.4f} (cosine threshold {r['eer_threshold']:.4f}), all pairs",
+        f"EER              {r['eer']:.4f} ({_scale(r)} threshold {r['eer_threshold']:.4f}), all pairs"
+        + (f"; by the plain cosine {r['eer_cosine']:.4f}" if "eer_cosine" in r else ""),
         f"minDCF           {r['min_dcf']:.4f} (p_target {r['p_target']})",
         f"centroid acc.    {r['centroid_accuracy']:.4f} (leave-one-out nearest voice centroid)",
     ]

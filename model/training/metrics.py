@@ -8,16 +8,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from model.runtime import as_norm
 
-def all_pairs(embeddings: Tensor, labels: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+
+def all_pairs(
+    embeddings: Tensor, labels: Tensor, mask: Tensor | None = None, statistics: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Cosine scores of every pair of clips and whether the pair is one voice. With ``mask`` (a
-    bool per clip), only the pairs with at least one clip in the mask."""
+    bool per clip), only the pairs with at least one clip in the mask. With ``statistics`` (each
+    clip's ``model.runtime.cohort_statistics``), adaptive s-norm scores instead of cosines."""
     emb = F.normalize(embeddings.float(), dim=-1)  # (N, E)
     i, j = torch.triu_indices(len(labels), len(labels), offset=1)
     if mask is not None:
         keep = mask[i] | mask[j]
         i, j = i[keep], j[keep]
-    return (emb[i] * emb[j]).sum(-1), labels[i] == labels[j]
+    scores = (emb[i] * emb[j]).sum(-1)
+    if statistics is not None:
+        scores = as_norm(scores, statistics[i], statistics[j])
+    return scores, labels[i] == labels[j]
 
 
 def error_rates(scores: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -124,14 +132,17 @@ def open_set_report(
     conditions: list[dict[str, Any]] | None = None,
     p_target: float = 0.01,
     target_far: float = 0.01,
+    statistics: Tensor | None = None,
 ) -> dict[str, Any]:
     """Verification and identification among voices: EER and minDCF over all pairs, the threshold
     that accepts ``target_far`` of the different-voice pairs and the share of same-voice pairs it
     rejects, leave-one-out nearest-centroid accuracy, and the same per recording condition (pairs
-    with at least one clip in that condition; accuracy of the clips in it)."""
+    with at least one clip in that condition; accuracy of the clips in it). With ``statistics``
+    (``model.runtime.cohort_statistics`` of each clip), pairs are scored by adaptive s-norm, as
+    weights with ``verification_norm`` score them, and ``eer_cosine`` is the plain cosine's EER."""
     names = sorted(set(voices))
     labels = torch.tensor([names.index(v) for v in voices])
-    scores, same = all_pairs(embeddings, labels)
+    scores, same = all_pairs(embeddings, labels, statistics=statistics)
     hits = leave_one_out_centroid(embeddings, labels)
     per_voice = torch.bincount(labels)
     report: dict[str, Any] = {
@@ -144,11 +155,14 @@ def open_set_report(
         "centroid_accuracy": float(hits.float().mean()),
         "per_condition": {},
     }
+    if statistics is not None:
+        report["score"] = "as-norm"
+        report["eer_cosine"] = eer_of_scores(*all_pairs(embeddings, labels))[0]
     if conditions is not None:
         tags = [condition_tags(c) for c in conditions]
         for tag in sorted({t for ts in tags for t in ts}):
             mask = torch.tensor([tag in ts for ts in tags])
-            s, t = all_pairs(embeddings, labels, mask)
+            s, t = all_pairs(embeddings, labels, mask, statistics)
             row: dict[str, Any] = {"clips": int(mask.sum()), "centroid_accuracy": float(hits[mask].float().mean())}
             row["eer"] = eer_of_scores(s, t)[0] if t.any() and (~t).any() else None
             report["per_condition"][tag] = row

@@ -41,8 +41,17 @@ from tqdm import tqdm
 from model.audio import decode, encode, to_mono
 from model.features import FeatureConfig, LogMelSpectrogram
 from model.resnet import ARCHITECTURES, ResNet, build
-from model.runtime import EmbeddingModel
-from model.training.calibrate import COHORT_CLIPS, COHORT_TOP, calibrate, embed_all, known_scores, pick_cohort
+from model.runtime import EmbeddingModel, cohort_statistics
+from model.training.calibrate import (
+    COHORT_CLIPS,
+    COHORT_TOP,
+    NORM_TOP,
+    calibrate,
+    embed_all,
+    known_scores,
+    norm_entry,
+    pick_cohort,
+)
 from model.training.centre import centre
 from model.training.data import UNLABELLED, Dataset, load_waves, random_crop, scan, speed_crop, speed_up
 from model.training.metrics import open_set_report, summarise
@@ -82,6 +91,7 @@ class TrainConfig:
     centroid_clips: int = 40  # training clips per class for the class centroids
     cohort_top: int = COHORT_TOP  # background voices in the known-voice score (model.training.calibrate; 0: none)
     cohort_clips: int = COHORT_CLIPS  # training clips per background voice
+    norm_top: int = NORM_TOP  # background voices per side in the verification score's adaptive s-norm (0: cosine)
     centre_clips: int = 2  # training clips per voice for the mean (and covariance) folded into the embedding (0: none)
     whiten: bool = False  # fold within-voice whitening in too (model.training.centre; needs about 3 clips a voice)
     voice_weighting: bool = False  # whitening and soft LDA instead, where it lowers the open-set validation EER
@@ -540,7 +550,7 @@ def finish(
         final, dataset, val_waves, open_val_waves, centroid_waves,
         [c for c in train_classes if c != UNLABELLED], cfg.centroid_clips, max_s,
         cohort_waves=[train_waves[i] for i in background], cohort_voices=[train_items[i].voice for i in background],
-        cohort_top=cfg.cohort_top,
+        cohort_top=cfg.cohort_top, norm_top=cfg.norm_top,
     )  # fmt: skip
     val_logits, val_emb = cal.val_logits, cal.val_emb
     threshold, centroids, known_threshold = cal.threshold, cal.centroids, cal.known_threshold
@@ -571,8 +581,11 @@ def finish(
     if open_test_items:
         open_test_waves = load_waves(open_test_items, sr, "loading open-set test")
         _, open_test_emb = embed_all(final, open_test_waves, max_s)
+        statistics = (
+            cohort_statistics(open_test_emb, cohort, cal.norm_top) if cohort is not None and cal.norm_top else None
+        )
         report = open_set_report(open_test_emb, [it.voice for it in open_test_items],
-                                 [it.conditions for it in open_test_items])  # fmt: skip
+                                 [it.conditions for it in open_test_items], statistics=statistics)  # fmt: skip
         if centroids is not None and known_threshold is not None:
 
             def flagged(emb: Tensor) -> float:
@@ -609,6 +622,7 @@ def finish(
         known_threshold=None if known_threshold is None else round(known_threshold, 4),
         cohort=cohort,
         cohort_top=cohort_top or None,
+        verification_norm=norm_entry(cal),
     )
     summary = {"metrics": metrics, "history": history, "test": test, "provenance": provenance}
     report_dir = out_dir / "report"
