@@ -232,7 +232,9 @@ def test_health_ready_model_and_openapi(client):
     assert info["labels"] == LABELS and info["embedding_size"] == 256 and info["architecture"] == "resnet18"
     shipped = json.loads((SHIPPED_WEIGHTS / "manifest.json").read_text())
     assert info["features"] == shipped["features"] and info["sha256"] == shipped["sha256"]
-    assert -1 <= info["verification_threshold"] <= 1 and -1 <= info["known_threshold"] <= 1
+    assert info["verification_threshold"] == shipped["verification_threshold"] and -1 <= info["known_threshold"] <= 1
+    # the shipped weights score /verify by adaptive s-norm: a threshold in standard deviations, not a cosine
+    assert info["verification_score"] == "as-norm" and shipped["verification_norm"] == {"method": "as-norm", "top": 300}
     assert "open-set validation voices" in info["metrics"]["calibration"]["verification"]["source"]
     spec = client.get("/openapi.json").json()
     known = spec["components"]["schemas"]["ClassifyResponse"]["properties"]["known"]
