@@ -236,17 +236,27 @@ class InferenceService:
         return None if stats is None else stats.numpy()
 
     def verification_scores(
-        self, query: np.ndarray, voiceprints: np.ndarray, statistics: np.ndarray | None = None
+        self, query: np.ndarray, voiceprints: np.ndarray, statistics: np.ndarray | None = None, unit: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
         """``query`` (E,) against each row of ``voiceprints`` (M, E): the verification scores, on the
         scale of the calibrated threshold, and the cosines, both (M,). ``statistics``: from
-        :meth:`norm_statistics` of the same rows."""
-        scores, cosines = self.require_model().verification_scores(
-            torch.from_numpy(np.ascontiguousarray(query, dtype=np.float32)).reshape(1, -1),
-            torch.from_numpy(np.ascontiguousarray(voiceprints, dtype=np.float32)),
+        :meth:`norm_statistics` of the same rows; ``unit``: the rows are unit vectors already.
+        The cosines are one float32 matrix product (numpy's BLAS, faster here than torch's
+        matrix-vector product at 100,000 rows)."""
+        q = np.asarray(query, dtype=np.float32)
+        q = q / max(float(np.linalg.norm(q)), 1e-12)
+        rows = np.asarray(voiceprints, dtype=np.float32)
+        if not unit:
+            rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+        cosines = rows @ q
+        if statistics is None:
+            statistics = self.norm_statistics(rows)
+        scores = self.require_model().normalise_scores(
+            torch.from_numpy(cosines).reshape(1, -1),
+            torch.from_numpy(q).reshape(1, -1),
             None if statistics is None else torch.from_numpy(statistics),
         )
-        return scores[0].numpy(), cosines[0].numpy()
+        return scores[0].numpy(), cosines
 
     def model_ref(self) -> dict[str, str]:
         m = self.require_model().manifest

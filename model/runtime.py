@@ -214,12 +214,21 @@ class EmbeddingModel:
         ``b_statistics``: :meth:`norm_statistics` of ``b`` when already known."""
         ua, ub = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
         cosines = ua @ ub.T
-        stats_a = self.norm_statistics(ua)
+        if b_statistics is None:
+            b_statistics = self.norm_statistics(ub)
+        return self.normalise_scores(cosines, ua, b_statistics), cosines
+
+    def normalise_scores(self, cosines: Tensor, a: Tensor, b_statistics: Tensor | None) -> Tensor:
+        """Cosines (N, M) of the rows of ``a`` (N, E) to M voiceprints -> verification scores:
+        themselves, or with ``verification_norm`` their adaptive s-norm, given the voiceprints'
+        :meth:`norm_statistics` (``b_statistics``, (M, 2)). For callers that compute the cosines
+        themselves (an /identify index's matrix product)."""
+        stats_a = self.norm_statistics(a)
         if stats_a is None:
-            return cosines, cosines
-        stats_b = b_statistics if b_statistics is not None else self.norm_statistics(ub)
-        assert stats_b is not None
-        return as_norm(cosines, stats_a[:, None], stats_b[None, :]), cosines
+            return cosines
+        if b_statistics is None:
+            raise ValueError("adaptive s-norm needs the voiceprints' norm_statistics")
+        return as_norm(cosines, stats_a[:, None], b_statistics[None, :])
 
     def _unit_rows(self, name: str, rows: Any) -> Tensor:
         """The manifest's ``rows`` (centroids or background voices) as float32 unit rows, made once

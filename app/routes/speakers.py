@@ -392,7 +392,7 @@ async def identify(
         key = service.scoring_key()
         if key not in index.statistics:  # once per voiceprint, not per search
             index.statistics[key] = service.norm_statistics(index.matrix)
-        scores, cosines = service.verification_scores(clip.embedding, index.matrix, index.statistics[key])
+        scores, cosines = service.verification_scores(clip.embedding, index.matrix, index.statistics[key], unit=True)
         k = min(top_k, len(scores))
         best = np.argpartition(-scores, k - 1)[:k]
         best = best[np.argsort(-scores[best], kind="stable")]
