@@ -23,7 +23,7 @@ import logging
 import sqlite3
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -261,9 +261,44 @@ class Index:
     names: list[str]
     matrix: np.ndarray  # (N, E) float32, rows normalised
     stale: int
-    # what scoring needs of each voiceprint (adaptive s-norm statistics), made once by the first
+    # what scoring needs of each voiceprint (adaptive s-norm statistics), made by the first
     # search under a model and kept while the index is: key (the scoring's identity) -> (N, 2)
     statistics: dict[Any, np.ndarray | None] = field(default_factory=dict)
+    # a fingerprint of each voiceprint (its dot product with a fixed random vector), and what the
+    # index this one replaced knew (ids, fingerprints, statistics): after a write, only the
+    # profiles it added or changed need their statistics made again
+    fingerprint: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    earlier: tuple[list[str], np.ndarray, dict[Any, np.ndarray | None]] | None = None
+
+    def statistics_for(self, key: Any, compute: Callable[[np.ndarray], np.ndarray | None]) -> np.ndarray | None:
+        """The voiceprints' statistics under the scoring ``key``: made by ``compute`` (rows ->
+        (rows, 2), or None where scores need none) once, reusing those of unchanged profiles from
+        the index this one replaced. Blocking: call it from a worker thread."""
+        if key not in self.statistics:
+            self.statistics[key] = self._reuse(key, compute) if self.ids else None
+            self.earlier = None
+        return self.statistics[key]
+
+    def _reuse(self, key: Any, compute: Callable[[np.ndarray], np.ndarray | None]) -> np.ndarray | None:
+        before = None if self.earlier is None else self.earlier[2].get(key)
+        if self.earlier is None or before is None:
+            return compute(self.matrix)
+        ids, fingerprint = self.earlier[0], self.earlier[1]
+        position = {pid: i for i, pid in enumerate(ids)}
+        where = np.fromiter((position.get(pid, -1) for pid in self.ids), dtype=np.int64, count=len(self.ids))
+        same = where >= 0
+        same[same] = fingerprint[where[same]] == self.fingerprint[same]
+        out = np.empty((len(self.ids), 2), dtype=np.float32)
+        out[same] = before[where[same]]
+        if not same.all():
+            fresh = compute(self.matrix[~same])
+            if fresh is None:
+                return None
+            out[~same] = fresh
+        return out
+
+
+FINGERPRINT = np.random.default_rng(0).standard_normal(4096)  # Index.fingerprint's fixed vector
 
 
 class SpeakerStore:
@@ -272,6 +307,7 @@ class SpeakerStore:
     def __init__(self, db: Database) -> None:
         self.db = db
         self._indexes: dict[tuple[str, str], Index] = {}
+        self._retired: dict[tuple[str, str], tuple[list[str], np.ndarray, dict[Any, np.ndarray | None]]] = {}
         self._seen_counter: int | None = None
         self._index_lock = threading.Lock()
 
@@ -408,11 +444,15 @@ class SpeakerStore:
         counter = self.counter()
         with self._index_lock:
             if counter != self._seen_counter:
+                # keep what the old indexes knew of each voiceprint, not their matrices
+                self._retired.update({k: (i.ids, i.fingerprint, i.statistics) for k, i in self._indexes.items()})
                 self._indexes.clear()
                 self._seen_counter = counter
             key = (namespace, model_sha256)
             if key not in self._indexes:
-                self._indexes[key] = self._load(namespace, model_sha256)
+                index = self._load(namespace, model_sha256)
+                index.earlier = self._retired.pop(key, None)
+                self._indexes[key] = index
             return self._indexes[key]
 
     def _load(self, namespace: str, model_sha256: str) -> Index:
@@ -425,9 +465,11 @@ class SpeakerStore:
             rows = cur.fetchall()
         fresh = [r for r in rows if r[3] == model_sha256]
         matrix = np.stack([normalise(np.frombuffer(bytes(r[2]), dtype=np.float32)) for r in fresh]) if fresh else None
+        matrix = matrix if matrix is not None else np.zeros((0, 0), dtype=np.float32)
         return Index(
             ids=[r[0] for r in fresh],
             names=[r[1] for r in fresh],
-            matrix=matrix if matrix is not None else np.zeros((0, 0), dtype=np.float32),
+            matrix=matrix,
             stale=len(rows) - len(fresh),
+            fingerprint=matrix.astype(np.float64) @ FINGERPRINT[: matrix.shape[1]] if len(matrix) else np.zeros(0),
         )

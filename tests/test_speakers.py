@@ -127,6 +127,17 @@ def test_verify_and_identify(client):
         # /identify ranks by the score /speakers/{id}/verify gives, with its statistics cached
         assert again.json()["score"] == pytest.approx(found["matches"][0]["score"], abs=1e-3)
         assert again.json()["cosine"] == pytest.approx(found["matches"][0]["cosine"], abs=1e-5)
+    # after writes (a profile's voiceprint changed, another enrolled), /identify scores every
+    # profile as /speakers/{id}/verify does, the changed one with its new voiceprint
+    changed = enrolled[0]["id"]
+    assert client.post(f"/speakers/{changed}/clips", files=[("file", clip(4, 3))], headers=auth("a")).status_code == 200
+    extra = enrol(client, "voice-3", [(3, 0), (3, 1)]).json()
+    found = client.post("/identify", files=[("file", clip(0, 7))], params={"top_k": 4}, headers=auth("a")).json()
+    assert found["searched"] == 4 and found["speaker"]["id"] == changed
+    for match in found["matches"]:
+        alone = client.post(f"/speakers/{match['id']}/verify", files=[("file", clip(0, 7))], headers=auth("a")).json()
+        assert alone["score"] == pytest.approx(match["score"], abs=1e-3)
+    client.delete(f"/speakers/{extra['id']}", headers=auth("a"))
     never = client.post("/identify", files=[("file", clip(7, 6))], params={"top_k": 2}, headers=auth("a")).json()
     assert never["speaker"] is None and len(never["matches"]) == 2  # a voice nobody enrolled
     assert never["matches"][0]["score"] < never["threshold"] and never["skipped_stale"] == 0

@@ -22,7 +22,7 @@ from app.errors import ApiError
 from app.routes.inference import BINARY, ERRORS, content_length, require_multipart, single
 from app.schemas import ErrorResponse, IdentifyResponse, SpeakerList, SpeakerOut, SpeakerPatch, SpeakerVerifyResponse
 from app.service import ClipResult, InferenceService
-from app.speakers import Model, Profile, SpeakerStore, migrate, open_database
+from app.speakers import Index, Model, Profile, SpeakerStore, migrate, open_database
 from app.uploads import Intake, Upload, media_type, read_form
 
 log = logging.getLogger(__name__)
@@ -386,13 +386,16 @@ async def identify(
     clip = await single(request, service, settings.max_files, multipart_only=True)
     namespace, sha = namespace_of(request, settings), service.model_ref()["sha256"]
     started = time.perf_counter()
-    index = await in_store(speakers, lambda s: s.index(namespace, sha))
+    key = service.scoring_key()
+
+    def load(store: SpeakerStore) -> tuple[Index, np.ndarray | None]:
+        index = store.index(namespace, sha)
+        return index, index.statistics_for(key, service.norm_statistics)  # made once, in the worker thread
+
+    index, statistics = await in_store(speakers, load)
     matches: list[dict[str, Any]] = []
     if index.ids:
-        key = service.scoring_key()
-        if key not in index.statistics:  # once per voiceprint, not per search
-            index.statistics[key] = service.norm_statistics(index.matrix)
-        scores, cosines = service.verification_scores(clip.embedding, index.matrix, index.statistics[key], unit=True)
+        scores, cosines = service.verification_scores(clip.embedding, index.matrix, statistics, unit=True)
         k = min(top_k, len(scores))
         best = np.argpartition(-scores, k - 1)[:k]
         best = best[np.argsort(-scores[best], kind="stable")]
