@@ -226,8 +226,9 @@ class InferenceService:
 
     def scoring_key(self) -> tuple[Any, ...]:
         """Identifies how the loaded weights score, for caching :meth:`norm_statistics`."""
-        m = self.require_model().manifest
-        return (m.sha256, id(m.cohort), self.require_model().norm_top)
+        loaded = self.require_model()
+        cohort = loaded.manifest.known_cohort or {}
+        return (loaded.manifest.sha256, cohort.get("sha256"), loaded.norm_top)
 
     def norm_statistics(self, voiceprints: np.ndarray) -> np.ndarray | None:
         """What scoring needs of each row of ``voiceprints`` (N, E), reusable across queries:

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from model.runtime import EmbeddingModel, cohort_statistics, load, open_set_scores
 from model.training.data import UNLABELLED, Dataset, Item, load_waves, scan
-from model.training.evaluate import evaluate_identification, evaluate_open_set
+from model.training.evaluate import embed_split, evaluate_identification, evaluate_open_set
 from model.training.metrics import all_pairs, eer_of_scores, open_set_report, verification_figures
 from model.weights import WeightsError, write_manifest
 
@@ -121,6 +121,21 @@ class Calibration:
     cohort_top: int = 0
     norm_top: int = 0  # background voices per side in the verification score's adaptive s-norm (0: cosine)
 
+    @property
+    def verification_norm(self) -> dict[str, Any] | None:
+        """The manifest's ``verification_norm`` for this calibration."""
+        return {"method": "as-norm", "top": self.norm_top} if self.cohort is not None and self.norm_top else None
+
+    def norm_statistics(self, embeddings: Tensor) -> Tensor | None:
+        """What pairs of ``embeddings`` are scored with (``model.training.metrics.all_pairs``): their
+        adaptive s-norm statistics, or None where this calibration scores by the plain cosine."""
+        return norm_statistics(embeddings, self.cohort, self.norm_top)
+
+
+def norm_statistics(embeddings: Tensor, cohort: Tensor | None, norm_top: int) -> Tensor | None:
+    """``model.runtime.cohort_statistics`` over ``norm_top`` nearest of ``cohort``; None for no s-norm."""
+    return None if cohort is None or not norm_top else cohort_statistics(embeddings, cohort, norm_top)
+
 
 def calibrate(
     model: EmbeddingModel,
@@ -153,7 +168,7 @@ def calibrate(
         cohort = cohort_embeddings(model, cohort_waves, cohort_voices, max_s)
         cohort_top = min(cohort_top, len(cohort))  # a small corpus may have fewer background voices
     norm_top = min(norm_top, len(cohort)) if cohort is not None and norm_top >= 2 else 0
-    statistics = cohort_statistics(open_val_emb, cohort, norm_top) if cohort is not None and norm_top else None
+    statistics = norm_statistics(open_val_emb, cohort, norm_top)
     open_val = open_set_report(
         open_val_emb, [it.voice for it in open_val_items], target_far=target_far, statistics=statistics
     )
@@ -257,13 +272,8 @@ def apply_calibration(model: EmbeddingModel, cal: Calibration, data_dir: Path) -
     m.class_centroids = None if cal.centroids is None else [[round(x, 6) for x in r] for r in cal.centroids.tolist()]
     m.cohort = cal.cohort
     m.known_cohort = None if cal.cohort is None else {"top": cal.cohort_top}
-    m.verification_norm = norm_entry(cal)
+    m.verification_norm = cal.verification_norm
     m.metrics["calibration"] = {**cal.info, "data": str(data_dir)}
-
-
-def norm_entry(cal: Calibration) -> dict[str, Any] | None:
-    """The manifest's ``verification_norm`` for a calibration."""
-    return {"method": "as-norm", "top": cal.norm_top} if cal.cohort is not None and cal.norm_top else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,12 +330,15 @@ def main(argv: list[str] | None = None) -> int:
     if dataset.split("open-test"):
         # the test figures that hang on the calibration, measured again under it (the others are
         # the network's and do not change); test voices measure, they never choose
-        report = evaluate_open_set(model, args.data_dir, "open-test")
+        embedded = embed_split(model, args.data_dir, "open-test")  # once for both reports
+        report = evaluate_open_set(model, args.data_dir, "open-test", embedded)
         m.metrics["open_set_test"] = report
         if "classes_flagged_unknown" in report:
             m.metrics["test_flagged_unknown"] = report["classes_flagged_unknown"]["share"]
         if m.verification_threshold is not None:
-            m.metrics["open_set_identification"] = evaluate_identification(model, args.data_dir, "open-test")
+            m.metrics["open_set_identification"] = evaluate_identification(
+                model, args.data_dir, "open-test", embedded=embedded
+            )
     write_manifest(args.weights_dir, m)
     log.info("calibrated %s: verification %s, known %s", args.weights_dir, m.verification_threshold, m.known_threshold)
     return 0

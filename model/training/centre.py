@@ -69,7 +69,7 @@ from torch import Tensor
 
 from model.resnet import ResNet
 from model.runtime import EmbeddingModel, load
-from model.training.calibrate import apply_calibration, calibrate_on_corpus, embed_all, matching_corpus, norm_entry
+from model.training.calibrate import apply_calibration, calibrate_on_corpus, embed_all, matching_corpus
 from model.training.data import Item, load_waves
 from model.training.evaluate import evaluate, evaluate_open_set
 from model.training.metrics import open_set_report
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         known_threshold=m.known_threshold,
         cohort=cal.cohort,
         cohort_top=cal.cohort_top or None,
-        verification_norm=norm_entry(cal),
+        verification_norm=cal.verification_norm,
     )
     log.info("wrote %s (sha256 %s)", args.out, saved.sha256)
     return 0

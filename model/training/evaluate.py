@@ -111,13 +111,25 @@ def parity_items(data_dir: Path, split: str) -> list[Item]:
 
 
 @torch.inference_mode()
-def evaluate_open_set(model: EmbeddingModel, data_dir: Path, split: str = "open-test") -> dict[str, Any]:
-    dataset = scan(data_dir)
-    items = dataset.split(split)
+def embed_split(model: EmbeddingModel, data_dir: Path, split: str) -> tuple[list[Item], torch.Tensor]:
+    """A split's clips and their embeddings, as /embed computes them; ValueError for an empty split."""
+    items = scan(data_dir).split(split)
     if not items:
         raise ValueError(f"{data_dir}: no clips in split {split!r} (make the corpus with --open-per-voice)")
     waves = load_waves(items, model.sample_rate, f"loading {split}")
-    emb = torch.stack([model.infer(w).embedding for w in waves])
+    return items, torch.stack([model.infer(w).embedding for w in waves])
+
+
+@torch.inference_mode()
+def evaluate_open_set(
+    model: EmbeddingModel,
+    data_dir: Path,
+    split: str = "open-test",
+    embedded: tuple[list[Item], torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """The open-set report of a split (``embedded``: its :func:`embed_split`, when already made)."""
+    dataset = scan(data_dir)
+    items, emb = embedded or embed_split(model, data_dir, split)
     report = open_set_report(
         emb, [it.voice for it in items], [it.conditions for it in items], statistics=model.norm_statistics(emb)
     )
@@ -139,20 +151,22 @@ def evaluate_open_set(model: EmbeddingModel, data_dir: Path, split: str = "open-
 
 @torch.inference_mode()
 def evaluate_identification(
-    model: EmbeddingModel, data_dir: Path, split: str = "open-test", enrol_clips: int = 3
+    model: EmbeddingModel,
+    data_dir: Path,
+    split: str = "open-test",
+    enrol_clips: int = 3,
+    embedded: tuple[list[Item], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Open-set identification as the service's /identify does it: every other voice of the split
     (sorted by name) is enrolled from its first ``enrol_clips`` clips (voiceprint: the normalised
     sum of the clips' normalised embeddings); every remaining clip is identified against all
     voiceprints with the weights' verification threshold. Reports top-1 accuracy on the enrolled
-    voices' other clips and the share of the never-enrolled voices' clips answered with no speaker."""
+    voices' other clips and the share of the never-enrolled voices' clips answered with no speaker.
+    ``embedded``: the split's :func:`embed_split`, when already made."""
     if model.manifest.verification_threshold is None:
         raise ValueError("these weights have no verification threshold")
-    items = scan(data_dir).split(split)
-    if not items:
-        raise ValueError(f"{data_dir}: no clips in split {split!r}")
-    waves = load_waves(items, model.sample_rate, f"loading {split}")
-    emb = F.normalize(torch.stack([model.infer(w).embedding for w in waves]), dim=-1)
+    items, emb = embedded or embed_split(model, data_dir, split)
+    emb = F.normalize(emb, dim=-1)
     names = sorted({it.voice for it in items})
     enrolled = names[::2]
     prints, probes = [], []
@@ -161,8 +175,7 @@ def evaluate_identification(
         prints.append(F.normalize(emb[mine[:enrol_clips]].sum(0), dim=0))
         probes += [(k, enrolled.index(v)) for k in mine[enrol_clips:]]
     matrix, threshold = torch.stack(prints), model.manifest.verification_threshold
-    stats = model.norm_statistics(matrix)  # once per voiceprint, as /identify does
-    scores = model.verification_scores(emb, matrix, stats)[0]  # (clips, voiceprints), on the threshold's scale
+    scores = model.verification_scores(emb, matrix)[0]  # (clips, voiceprints), on the threshold's scale
     hits = [int(scores[k].argmax()) == want for k, want in probes]
     accepted = [bool(scores[k].max() >= threshold) for k, want in probes]
     strangers = [k for k, it in enumerate(items) if it.voice not in enrolled]

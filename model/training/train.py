@@ -41,7 +41,7 @@ from tqdm import tqdm
 from model.audio import decode, encode, to_mono
 from model.features import FeatureConfig, LogMelSpectrogram
 from model.resnet import ARCHITECTURES, ResNet, build
-from model.runtime import EmbeddingModel, cohort_statistics
+from model.runtime import EmbeddingModel
 from model.training.calibrate import (
     COHORT_CLIPS,
     COHORT_TOP,
@@ -49,7 +49,6 @@ from model.training.calibrate import (
     calibrate,
     embed_all,
     known_scores,
-    norm_entry,
     pick_cohort,
 )
 from model.training.centre import centre
@@ -581,11 +580,9 @@ def finish(
     if open_test_items:
         open_test_waves = load_waves(open_test_items, sr, "loading open-set test")
         _, open_test_emb = embed_all(final, open_test_waves, max_s)
-        statistics = (
-            cohort_statistics(open_test_emb, cohort, cal.norm_top) if cohort is not None and cal.norm_top else None
-        )
         report = open_set_report(open_test_emb, [it.voice for it in open_test_items],
-                                 [it.conditions for it in open_test_items], statistics=statistics)  # fmt: skip
+                                 [it.conditions for it in open_test_items],
+                                 statistics=cal.norm_statistics(open_test_emb))  # fmt: skip
         if centroids is not None and known_threshold is not None:
 
             def flagged(emb: Tensor) -> float:
@@ -622,7 +619,7 @@ def finish(
         known_threshold=None if known_threshold is None else round(known_threshold, 4),
         cohort=cohort,
         cohort_top=cohort_top or None,
-        verification_norm=norm_entry(cal),
+        verification_norm=cal.verification_norm,
     )
     summary = {"metrics": metrics, "history": history, "test": test, "provenance": provenance}
     report_dir = out_dir / "report"
