@@ -21,7 +21,7 @@ from model.training.calibrate import main as calibrate_main
 from model.training.centre import fold_affine, spread_statistics, voice_weighting, whitening
 from model.training.centre import main as centre_main
 from model.training.data import UNLABELLED, load_waves, scan, speed_crop
-from model.training.evaluate import evaluate, evaluate_open_set
+from model.training.evaluate import embed_split, evaluate, evaluate_open_set
 from model.training.metrics import equal_error_rate, leave_one_out_centroid, min_dcf, open_set_report, threshold_at_far
 from model.training.train import (
     CODEC_SETTINGS,
@@ -395,6 +395,10 @@ def test_train_cli_writes_loadable_weights_report_and_resumes(tiny_corpus, tmp_p
     assert cohort["top"] == min(3, len(background)) and (tmp_path / "weights" / "cohort.safetensors").is_file()
     known = loaded.manifest.metrics["calibration"]["known"]
     assert "training voices outside the classes" in known["source"] and 0 <= known["eer_without_cohort"] <= 1
+    # its threshold takes at most 5 % of the open-set validation voices' clips for one of the classes
+    _, open_val_emb = embed_split(loaded, tiny_corpus, "open-val")
+    taken = [found[2] for found in map(loaded.nearest_class, open_val_emb) if found is not None]
+    assert known["target_far"] == 0.05 and sum(taken) / len(open_val_emb) <= 0.05 and known["far"] <= 0.05
     # /verify's scores: adaptive s-norm against the same background voices (all of them in this
     # small corpus, 300 in a large one), the threshold on that scale, the cosine's EER beside it
     assert loaded.manifest.verification_norm == {"method": "as-norm", "top": min(300, len(background))}
@@ -423,6 +427,17 @@ def test_train_cli_writes_loadable_weights_report_and_resumes(tiny_corpus, tmp_p
     assert recalibrated.verification_norm == loaded.manifest.verification_norm
     assert recalibrated.cohort is not None and loaded.manifest.cohort is not None
     assert torch.allclose(recalibrated.cohort.float(), loaded.manifest.cohort.float(), atol=2e-3)
+    # allowed to take half of the other voices' clips for a class, the threshold comes down
+    assert (
+        calibrate_main(
+            [str(again_dir), str(tiny_corpus), "--centroid-clips", "3", "--max-s", str(max_s), "--known-far", "0.5"]
+        )
+        == 0
+    )
+    lenient = model.load(again_dir).manifest
+    assert lenient.known_threshold is not None and loaded.manifest.known_threshold is not None
+    assert lenient.known_threshold < loaded.manifest.known_threshold
+    assert lenient.metrics["calibration"]["known"]["target_far"] == 0.5
     # centring existing weights: written only where it lowers the open-set validation EER, and then
     # the embedding moves by one constant vector while the logits stay; asked to whiten with too
     # few clips to estimate it (3 here for 256 dimensions), it only centres
