@@ -23,8 +23,8 @@ STEPS ?= 300
 TRAIN_RECIPE ?= --n-mels 64 --hop-ms 20 --freq-mask 8 --time-mask 8 --whiten --centre-clips 3 --patience 10
 # `make finetune` then fine-tunes that run's weights for 1500 steps with speed-perturbed
 # pseudo-speakers (each unlabelled voice at 0.9x and 1.1x is a voice of its own), not whitened:
-# the recipe of the shipped weights 2026.12.02.1, started from the 2026.12.01.1 tensors
-# (FINETUNE_INIT=weights starts from whatever weights/ holds instead)
+# the recipe of the candidate with an open-set test EER of 2.93 % (docs/training.md; not shipped
+# yet), started from the 2026.12.01.1 tensors (FINETUNE_INIT=weights starts from weights/ instead)
 FINETUNE_INIT ?= $(RUN)/weights
 FINETUNE_RUN ?= runs/sp-ft
 FINETUNE_RECIPE ?= --epochs 5 --steps-per-epoch 300 --n-mels 64 --hop-ms 20 --freq-mask 8 --time-mask 8 \
