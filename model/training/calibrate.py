@@ -49,7 +49,7 @@ from torch import Tensor
 from model.runtime import EmbeddingModel, cohort_statistics, load, open_set_scores
 from model.training.data import UNLABELLED, Dataset, Item, load_waves, scan
 from model.training.evaluate import embed_split, evaluate_identification, evaluate_open_set
-from model.training.metrics import all_pairs, eer_of_scores, open_set_report, threshold_at_far, verification_figures
+from model.training.metrics import all_pairs, open_set_report, verification_figures
 from model.weights import WeightsError, write_manifest
 
 log = logging.getLogger(__name__)
@@ -191,31 +191,31 @@ def calibrate(
     centroids = class_centroids(model, centroid_waves, centroid_classes, centroid_clips, max_s)
     target = torch.cat([torch.ones(len(val_emb), dtype=torch.bool), torch.zeros(len(open_val_emb), dtype=torch.bool)])
 
-    def known_threshold(cohort: Tensor | None, top: int) -> dict[str, Any]:
+    def known_figures(cohort: Tensor | None, top: int) -> dict[str, float]:
         scores = torch.cat([known_scores(e, centroids, cohort, top) for e in (val_emb, open_val_emb)])
-        threshold, far, frr = threshold_at_far(scores, target, known_far)
-        return {"threshold": threshold, "frr": frr, "far": far, "eer": eer_of_scores(scores, target)[0]}
+        return verification_figures(scores, target, known_far)
 
     rule = (
         f"at the lowest threshold that takes at most {known_far:.0%} of the open-set validation voices' clips for "
         "one of the classes (far), with the share of the classes' validation clips it flags as none of them (frr)"
     )
-    plain = known_threshold(None, 0)
-    figures = plain
+    figures = plain = known_figures(None, 0)
     info["known"] = {
         "source": f"cosine to the nearest class centroid, {rule}",
         "centroid_clips_per_class": centroid_clips,
     }
     if cohort is not None and cohort_voices:
-        figures = known_threshold(cohort, cohort_top)
+        figures = known_figures(cohort, cohort_top)
         info["known"].update(
             source="cosine to the nearest class centroid less the mean cosine to the "
             f"{cohort_top} nearest of {len(cohort)} training voices outside the classes, {rule}",
             eer_without_cohort=plain["eer"],
             cohort={"voices": len(cohort), "clips_per_voice": max(Counter(cohort_voices).values()), "top": cohort_top},
         )
-    threshold = figures["threshold"]
-    info["known"].update(target_far=known_far, far=figures["far"], frr=figures["frr"], eer=figures["eer"])
+    threshold = figures["far_threshold"]
+    info["known"].update(
+        target_far=known_far, far=figures["far"], frr=figures["frr_at_far_threshold"], eer=figures["eer"]
+    )
     top = cohort_top if cohort is not None else 0
     return Calibration(
         open_val["far_threshold"], centroids, threshold, info, val_logits, val_emb, cohort, top, norm_top
