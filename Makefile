@@ -17,14 +17,15 @@ OPEN_PER_VOICE ?= 12
 SEED ?= 0
 EPOCHS ?= 10
 STEPS ?= 300
-# The recipe of the shipped weights, run 2026.12.01.1 (docs/training.md): a 64-band front end with
-# a 20 ms hop, 0.4 of the 80-band, 10 ms one's pixels, so that 3000 steps take 87 min on 2 AVX-512
-# cores; SpecAugment's masks in the same proportion; within-voice whitening folded in at the end.
+# The recipe of run 2026.12.01.1, which the shipped weights are fine-tuned from (docs/training.md):
+# a 64-band front end with a 20 ms hop, 0.4 of the 80-band, 10 ms one's pixels, so that 3000 steps
+# take 87 min on 2 AVX-512 cores; SpecAugment's masks in the same proportion; within-voice
+# whitening folded in at the end.
 TRAIN_RECIPE ?= --n-mels 64 --hop-ms 20 --freq-mask 8 --time-mask 8 --whiten --centre-clips 3 --patience 10
 # `make finetune` then fine-tunes that run's weights for 1500 steps with speed-perturbed
 # pseudo-speakers (each unlabelled voice at 0.9x and 1.1x is a voice of its own), not whitened:
-# the recipe of the candidate with an open-set test EER of 2.93 % (docs/training.md; not shipped
-# yet), started from the 2026.12.01.1 tensors (FINETUNE_INIT=weights starts from weights/ instead)
+# the recipe of the shipped weights, run 2026.12.02.1, which started from the 2026.12.01.1 tensors
+# (docs/training.md says how to check those out; FINETUNE_INIT=DIR starts from any weights directory)
 FINETUNE_INIT ?= $(RUN)/weights
 FINETUNE_RUN ?= runs/sp-ft
 FINETUNE_RECIPE ?= --epochs 5 --steps-per-epoch 300 --n-mels 64 --hop-ms 20 --freq-mask 8 --time-mask 8 \
