@@ -22,6 +22,7 @@ from model.training.centre import fold_affine, spread_statistics, voice_weightin
 from model.training.centre import main as centre_main
 from model.training.data import UNLABELLED, load_waves, scan, speed_crop
 from model.training.evaluate import embed_split, evaluate, evaluate_open_set
+from model.training.evaluate import main as evaluate_main
 from model.training.metrics import equal_error_rate, leave_one_out_centroid, min_dcf, open_set_report, threshold_at_far
 from model.training.train import (
     CODEC_SETTINGS,
@@ -469,6 +470,29 @@ def test_shipped_weights_load_and_pass_every_check(shipped):
     assert (shipped.manifest.features.n_mels, shipped.manifest.features.hop_ms) == (64, 20.0)  # make train's recipe
     m = shipped.manifest.metrics
     assert m["test_accuracy"] >= 0.98 and m["test_eer"] <= 0.02
+
+
+def test_evaluate_records_what_it_measured_in_the_manifest(tiny_corpus, tmp_path, capsys):
+    """--record KEY writes the figures it printed into metrics.KEY (dots nest) with the command
+    that measured them; the tensors and the rest of the manifest stay; a bad key changes nothing."""
+    weights = tmp_path / "weights"
+    shutil.copytree(SHIPPED_WEIGHTS, weights)
+    before = model.load(weights).manifest
+    assert evaluate_main([str(weights), str(tiny_corpus), "--json", "--record", "unseen_conditions.tiny"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    after = model.load(weights).manifest
+    entry = after.metrics["unseen_conditions"]["tiny"]
+    assert entry["clips"] == printed["clips"] == 18 and entry["accuracy"] == printed["accuracy"]
+    assert entry["command"].startswith("python -m model.training.evaluate ") and "--record" in entry["command"]
+    # what was there before is kept beside it, and the weights are the same weights
+    assert after.metrics["unseen_conditions"]["noise_hum"] == before.metrics["unseen_conditions"]["noise_hum"]
+    assert after.metrics["test_eer"] == before.metrics["test_eer"] and after.sha256 == before.sha256
+    assert after.known_threshold == before.known_threshold and after.known_cohort == before.known_cohort
+    text = (weights / "manifest.json").read_text()
+    with pytest.raises(SystemExit):  # malformed: refused before anything is evaluated
+        evaluate_main([str(weights), str(tiny_corpus), "--record", "Bad Key"])
+    assert evaluate_main([str(weights), str(tiny_corpus), "--record", "test_eer.x"]) == 2  # a figure, not a table
+    assert (weights / "manifest.json").read_text() == text
 
 
 @pytest.mark.parametrize("label", range(9))

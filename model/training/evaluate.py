@@ -12,6 +12,10 @@ none of the classes next to the share of the classes' own test clips flagged.
 ``--parity`` also runs the plain fp32 model on the split (with ``--open-set``, the open-set voices)
 and reports how often the chosen execution's top-1 agrees with it, the cosine between their
 embeddings and the EER with each (e.g. ``--precision int8 --parity``).
+``--record KEY`` also writes the result into WEIGHTS_DIR's manifest under ``metrics.KEY`` (dots
+nest: ``unseen_conditions.noise_hum``), with the command that measured it, through
+``model.weights.write_manifest``, so that the manifest's figures are measured, never typed in.
+The tensors, and so the weights' sha256, do not change.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,7 +35,7 @@ import torch.nn.functional as F
 from model.runtime import BACKENDS, PRECISIONS, EmbeddingModel, load
 from model.training.data import Item, load_waves, scan
 from model.training.metrics import equal_error_rate, open_set_report, summarise
-from model.weights import WeightsError
+from model.weights import WeightsError, read, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +205,31 @@ def _known(model: EmbeddingModel, embedding: torch.Tensor) -> bool:
     return found is not None and found[2]
 
 
+RECORD_KEY = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*")
+
+
+def check_record_key(key: str) -> None:
+    if not RECORD_KEY.fullmatch(key):
+        raise ValueError(f"--record {key!r}: want lower-case names joined by dots (unseen_conditions.noise_hum)")
+
+
+def record(weights_dir: Path, key: str, summary: dict[str, Any], command: str) -> None:
+    """Write ``summary`` (and ``command``) into the manifest of ``weights_dir`` at ``metrics.KEY``
+    (dotted: nested), replacing what was there. ValueError for a malformed key, or one whose
+    path runs through a figure that is not a table (``test_eer.x``)."""
+    check_record_key(key)
+    _, manifest = read(weights_dir)
+    *parents, last = key.split(".")
+    table = manifest.metrics
+    for depth, name in enumerate(parents):
+        table = table.setdefault(name, {})
+        if not isinstance(table, dict):
+            raise ValueError(f"--record {key!r}: metrics.{'.'.join(parents[: depth + 1])} is a figure, not a table")
+    table[last] = {**summary, "command": command}
+    write_manifest(weights_dir, manifest)
+    log.info("recorded in %s: metrics.%s", weights_dir, key)
+
+
 def _scale(r: dict[str, Any]) -> str:
     return "adaptive s-norm" if r.get("score") == "as-norm" else "cosine"
 
@@ -259,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--parity", action="store_true", help="compare with the plain fp32 model")
+    parser.add_argument(
+        "--record", metavar="KEY", help="also write the result into WEIGHTS_DIR's manifest at metrics.KEY (dots nest)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     split = args.split or ("open-test" if args.open_set else "test")
@@ -266,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     if split not in allowed:
         parser.error(f"--split must be one of {', '.join(allowed)}")
     args.split = split
+    try:
+        check_record_key(args.record or "ok")  # before the evaluation, not after it
+    except ValueError as exc:
+        parser.error(str(exc))
     try:
         model = load(args.weights_dir).configure(args.precision, args.channels_last, args.backend)
         if args.parity:
@@ -279,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
             summary = evaluate_open_set(model, args.data_dir, split)
         else:
             summary = evaluate(model, args.data_dir, args.split)
+        if args.record:
+            command = ["python", "-m", "model.training.evaluate", *(sys.argv[1:] if argv is None else argv)]
+            record(args.weights_dir, args.record, summary, shlex.join(command))
     except (WeightsError, ValueError) as exc:
         log.error("error: %s", exc)
         return 2
