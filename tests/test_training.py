@@ -17,6 +17,7 @@ from model.audio import load as load_audio
 from model.features import FeatureConfig, LogMelSpectrogram
 from model.resnet import build
 from model.training import corpus, voices
+from model.training.calibrate import Embedder, embed_all
 from model.training.calibrate import main as calibrate_main
 from model.training.centre import fold_affine, spread_statistics, voice_weighting, whitening
 from model.training.centre import main as centre_main
@@ -234,6 +235,36 @@ def test_folding_mean_and_whitening_transforms_the_embedding_and_keeps_the_logit
         assert torch.allclose(folded, expected, atol=1e-4)
         assert torch.allclose(folded_logits, logits, atol=1e-3)
         assert set(network.state_dict()) == set(model.ResNet18().state_dict())  # the seed's network still
+
+
+def test_embedder_embeds_each_clip_once_and_follows_a_fold():
+    """What centring embedded at the end of training is reused by calibration after the fold: each
+    clip goes through the network's trunk once, and what it gives after the fold is bit for bit
+    what the folded network gives (the shipped tensors must not change with it)."""
+    loaded = model.load(SHIPPED_WEIGHTS)  # its own copy: the fold changes its network
+    waves = [speech(label, 0) for label in range(3)]
+    calls = []
+    infer = loaded.infer
+    loaded.infer = lambda wave, *args, **kw: (calls.append(wave), infer(wave, *args, **kw))[1]
+    embed = Embedder(loaded, 8.0)
+    first_logits, first = embed(waves[:2])
+    assert len(calls) == 2
+    plain_logits, plain = embed_all(loaded, waves[:2], 8.0)
+    assert torch.equal(first, plain) and torch.equal(first_logits, plain_logits)
+    calls.clear()
+    _, again = embed([waves[1], *waves])
+    assert len(calls) == 1 and torch.equal(again[0], first[1]) and torch.equal(again[1:3], first)
+    torch.manual_seed(0)
+    mean, transform = 0.1 * torch.randn(256), torch.eye(256) + 0.05 * torch.randn(256, 256)
+    fold_affine(loaded.network, mean, transform)
+    calls.clear()
+    logits, moved = embed(waves)
+    assert not calls  # nothing through the trunk again
+    fresh_logits, fresh = embed_all(loaded, waves, 8.0)
+    assert torch.equal(moved, fresh) and torch.equal(logits, fresh_logits)
+    assert not torch.allclose(moved[:2], first, atol=1e-2)  # the fold did move them
+    with pytest.raises(ValueError, match="fp32 PyTorch"):
+        Embedder(model.load(SHIPPED_WEIGHTS).configure("bf16"), 8.0)
 
 
 def test_whitening_makes_the_within_voice_spread_even():

@@ -75,6 +75,55 @@ def embed_all(model: EmbeddingModel, waves: list[Tensor], max_s: float) -> tuple
     return torch.stack([r.logits for r in results]), torch.stack([r.embedding for r in results])
 
 
+class Embedder:
+    """:func:`embed_all` that runs each clip through the convolutional trunk once: it keeps, by the
+    wave tensor (held, so its identity stays its own), the features each forward pass fed the
+    network's ``fc`` layer, and makes logits and embeddings from them with the network's ``fc`` and
+    ``linear`` as they are at the call. An affine map folded in afterwards
+    (``model.training.centre.fold_affine`` changes only those two layers) is followed bit for bit:
+    the results equal what :func:`embed_all` gives the folded network, so calibration after
+    centring reuses what centring embedded (the first few clips of each training voice and the
+    open-set validation voices were embedded twice at the end of every training run) and the
+    shipped tensors do not change."""
+
+    def __init__(self, model: EmbeddingModel, max_s: float) -> None:
+        if model.precision != "fp32" or model.backend != "torch":
+            raise ValueError(f"an Embedder needs the fp32 PyTorch network, not {model.precision} on {model.backend}")
+        self.model, self.max_s = model, max_s
+        self.kept: dict[int, tuple[Tensor, list[Tensor], int]] = {}  # id(wave) -> (wave, fc inputs, windows)
+
+    @torch.inference_mode()
+    def _trunk(self, wave: Tensor) -> tuple[list[Tensor], int]:
+        batches: list[Tensor] = []
+        hook = self.model.network.fc.register_forward_hook(lambda _m, inputs, _out: batches.append(inputs[0].clone()))
+        try:
+            windows = self.model.infer(wave[: int(self.max_s * self.model.sample_rate)]).windows
+        finally:
+            hook.remove()
+        return batches, windows
+
+    @torch.inference_mode()
+    def _head(self, batches: list[Tensor], windows: int) -> tuple[Tensor, Tensor]:
+        # as EmbeddingModel.infer_many sums and averages its windows' forward passes
+        network = self.model.network
+        logits_sum = torch.zeros(self.model.manifest.num_classes)
+        emb_sum = torch.zeros(self.model.manifest.embedding_size)
+        for features in batches:
+            emb = network.fc(features)
+            logits = network.linear(emb).float()
+            for k in range(len(features)):
+                logits_sum += logits[k]
+                emb_sum += emb.float()[k]
+        return logits_sum / windows, emb_sum / windows
+
+    def __call__(self, waves: list[Tensor]) -> tuple[Tensor, Tensor]:
+        for w in waves:
+            if id(w) not in self.kept:
+                self.kept[id(w)] = (w, *self._trunk(w))
+        rows = [self._head(*self.kept[id(w)][1:]) for w in waves]
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+
+
 def mean_directions(embeddings: Tensor, groups: list[int], n_groups: int) -> Tensor:
     """Each group's mean normalised embedding, normalised: ``(n_groups, E)``."""
     emb = F.normalize(embeddings.float(), dim=-1)
@@ -82,24 +131,25 @@ def mean_directions(embeddings: Tensor, groups: list[int], n_groups: int) -> Ten
     return F.normalize(sums, dim=-1)
 
 
-def class_centroids(model: EmbeddingModel, waves: list[Tensor], classes: list[int], n: int, max_s: float) -> Tensor:
+def class_centroids(embed: Embedder, waves: list[Tensor], classes: list[int], n: int) -> Tensor:
     """Each class's mean normalised embedding over (at most ``n`` of) its clips, normalised."""
+    model = embed.model
     chosen: list[int] = []
     for k in range(model.manifest.num_classes):
         mine = [i for i, c in enumerate(classes) if c == k][:n]
         if not mine:
             raise ValueError(f"no training clips of class {model.labels[k]!r} for its centroid")
         chosen += mine
-    _, emb = embed_all(model, [waves[i] for i in chosen], max_s)
+    _, emb = embed([waves[i] for i in chosen])
     return mean_directions(emb, [classes[i] for i in chosen], model.manifest.num_classes)
 
 
-def cohort_embeddings(model: EmbeddingModel, waves: list[Tensor], voices: list[str], max_s: float) -> Tensor:
+def cohort_embeddings(embed: Embedder, waves: list[Tensor], voices: list[str]) -> Tensor:
     """Each voice's mean normalised embedding over its clips, normalised: ``(voices, E)``, in
     sorted voice order."""
     names = sorted(set(voices))
     index = {v: k for k, v in enumerate(names)}
-    return mean_directions(embed_all(model, waves, max_s)[1], [index[v] for v in voices], len(names))
+    return mean_directions(embed(waves)[1], [index[v] for v in voices], len(names))
 
 
 def known_scores(embeddings: Tensor, centroids: Tensor, cohort: Tensor | None = None, top: int = 0) -> Tensor:
@@ -161,21 +211,24 @@ def calibrate(
     cohort_top: int = COHORT_TOP,
     norm_top: int = NORM_TOP,
     known_far: float = KNOWN_TARGET_FAR,
+    embed: Embedder | None = None,
 ) -> Calibration:
     """Calibrate; ``cohort_waves`` (of ``cohort_voices``, training voices outside the classes)
     give the known-voice score its background voices, unless empty or ``cohort_top`` is 0, and
-    the verification score its adaptive s-norm over each side's ``norm_top`` nearest (0: none)."""
+    the verification score its adaptive s-norm over each side's ``norm_top`` nearest (0: none).
+    ``embed``: the :class:`Embedder` of ``model`` to reuse, holding clips embedded already."""
+    embed = embed or Embedder(model, max_s)
     val_items, open_val_items = dataset.split("val"), dataset.split("open-val")
-    val_logits, val_emb = embed_all(model, val_waves, max_s)
+    val_logits, val_emb = embed(val_waves)
     info: dict[str, Any] = {}
     if not open_val_items:
         figures = verification_figures(*all_pairs(val_emb, torch.tensor([it.label for it in val_items])), target_far)
         info["verification"] = verification_info(figures, "validation split of the classes", {}, target_far)
         return Calibration(figures["far_threshold"], None, None, info, val_logits, val_emb)
-    _, open_val_emb = embed_all(model, open_val_waves, max_s)
+    _, open_val_emb = embed(open_val_waves)
     cohort = None
     if cohort_waves and cohort_voices and cohort_top > 0:
-        cohort = cohort_embeddings(model, cohort_waves, cohort_voices, max_s)
+        cohort = cohort_embeddings(embed, cohort_waves, cohort_voices)
         cohort_top = min(cohort_top, len(cohort))  # a small corpus may have fewer background voices
     norm_top = min(norm_top, len(cohort)) if cohort is not None and norm_top >= 2 else 0
     statistics = norm_statistics(open_val_emb, cohort, norm_top)
@@ -188,7 +241,7 @@ def calibrate(
         source += f", adaptive s-norm scores over each side's {norm_top} nearest background voices"
         counted["eer_cosine"] = open_val["eer_cosine"]
     info["verification"] = verification_info(open_val, source, counted, target_far)
-    centroids = class_centroids(model, centroid_waves, centroid_classes, centroid_clips, max_s)
+    centroids = class_centroids(embed, centroid_waves, centroid_classes, centroid_clips)
     target = torch.cat([torch.ones(len(val_emb), dtype=torch.bool), torch.zeros(len(open_val_emb), dtype=torch.bool)])
 
     def known_figures(cohort: Tensor | None, top: int) -> dict[str, float]:
@@ -254,6 +307,7 @@ def calibrate_on_corpus(
     cohort_top: int = COHORT_TOP,
     norm_top: int = NORM_TOP,
     known_far: float = KNOWN_TARGET_FAR,
+    embed: Embedder | None = None,
 ) -> Calibration:
     """:func:`calibrate` on a corpus's validation, open-set validation and (for the centroids,
     ``centroid_clips`` per class, and the background voices, ``cohort_clips`` per voice) training clips."""

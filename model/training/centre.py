@@ -69,7 +69,7 @@ from torch import Tensor
 
 from model.resnet import ResNet
 from model.runtime import EmbeddingModel, load
-from model.training.calibrate import apply_calibration, calibrate_on_corpus, embed_all, matching_corpus
+from model.training.calibrate import Embedder, apply_calibration, calibrate_on_corpus, matching_corpus
 from model.training.data import Item, load_waves
 from model.training.evaluate import evaluate, evaluate_open_set
 from model.training.metrics import open_set_report
@@ -97,7 +97,7 @@ def fold_affine(network: ResNet, mean: Tensor, transform: Tensor | None = None) 
 
 
 def voice_statistics(
-    model: EmbeddingModel, waves: list[Tensor], voices: list[str], per_voice: int, max_s: float
+    embed: Embedder, waves: list[Tensor], voices: list[str], per_voice: int
 ) -> tuple[Tensor, Tensor, int, Tensor]:
     """The mean embedding over voices (each voice's first ``per_voice`` clips averaged, then the
     voices averaged, so the labelled voices, with many more clips, weigh as one voice each), the
@@ -108,7 +108,7 @@ def voice_statistics(
         mine = chosen.setdefault(voice, [])
         if len(mine) < per_voice:
             mine.append(wave)
-    return spread_statistics([embed_all(model, mine, max_s)[1].double() for mine in chosen.values()])
+    return spread_statistics([embed(mine)[1].double() for mine in chosen.values()])
 
 
 def spread_statistics(per_voice_emb: list[Tensor]) -> tuple[Tensor, Tensor, int, Tensor]:
@@ -155,6 +155,7 @@ def centre(
     max_s: float,
     whiten: bool = False,
     weigh: bool = False,
+    embed: Embedder | None = None,
 ) -> dict[str, Any] | None:
     """Fold the training voices' mean embedding into ``model``'s network where that lowers the
     open-set validation EER; with ``whiten``, fold in their within-voice whitening too, always;
@@ -162,12 +163,14 @@ def centre(
     open-set validation EER than centring alone and than nothing. Both need clips enough to
     estimate the covariance (at least twice as many clips beyond one a voice as dimensions). What
     was measured and done, or None where there is nothing to decide on (no open-set validation
-    voices, or ``per_voice`` 0)."""
+    voices, or ``per_voice`` 0). ``embed``: the :class:`Embedder` of ``model`` to embed with, so
+    that what it embedded here is reused after the fold."""
     if per_voice <= 0 or len(set(open_val_voices)) < 2:
         return None
-    mean, scatter, dof, between = voice_statistics(model, train_waves, train_voices, per_voice, max_s)
+    embed = embed or Embedder(model, max_s)
+    mean, scatter, dof, between = voice_statistics(embed, train_waves, train_voices, per_voice)
     enough = dof >= 2 * len(mean)
-    raw = embed_all(model, open_val_waves, max_s)[1].double()
+    raw = embed(open_val_waves)[1].double()
 
     def eer(embeddings: Tensor) -> float:
         return float(open_set_report(embeddings.float(), open_val_voices)["eer"])

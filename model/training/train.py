@@ -46,6 +46,7 @@ from model.training.calibrate import (
     COHORT_CLIPS,
     COHORT_TOP,
     NORM_TOP,
+    Embedder,
     calibrate,
     embed_all,
     known_scores,
@@ -539,9 +540,11 @@ def finish(
     labels, sr, max_s = dataset.labels, final.sample_rate, cfg.eval_max_s
     val_items = dataset.split("val")
     train_items = dataset.split("train")
+    embed = Embedder(final, max_s)  # centring's clips are calibration's too: each embedded once
     centring = centre(
         final, train_waves, [it.voice for it in train_items], open_val_waves,
         [it.voice for it in dataset.split("open-val")], cfg.centre_clips, max_s, cfg.whiten, cfg.voice_weighting,
+        embed,
     )  # fmt: skip
     centroid_waves = [w for w, c in zip(train_waves, train_classes, strict=True) if c != UNLABELLED]
     background = pick_cohort(train_items, cfg.cohort_clips)
@@ -549,7 +552,7 @@ def finish(
         final, dataset, val_waves, open_val_waves, centroid_waves,
         [c for c in train_classes if c != UNLABELLED], cfg.centroid_clips, max_s,
         cohort_waves=[train_waves[i] for i in background], cohort_voices=[train_items[i].voice for i in background],
-        cohort_top=cfg.cohort_top, norm_top=cfg.norm_top,
+        cohort_top=cfg.cohort_top, norm_top=cfg.norm_top, embed=embed,
     )  # fmt: skip
     val_logits, val_emb = cal.val_logits, cal.val_emb
     threshold, centroids, known_threshold = cal.threshold, cal.centroids, cal.known_threshold
