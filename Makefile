@@ -39,7 +39,7 @@ CORPUS_PACKAGES := festvox-ru festvox-suopuhe-lj festvox-suopuhe-mv festvox-czec
 	festvox-czech-krb festvox-czech-ph festvox-ca-ona-hts
 
 .PHONY: help venv system-deps corpus-deps test lint serve corpus corpus-unseen train finetune evaluate evaluate-open-set \
-	bench soak image clean quantize
+	bench soak image clean quantize reproduce
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -93,6 +93,12 @@ train: $(STAMP) ## train ResNet18 on $(DATA), write $(RUN)/weights (TRAIN_ARGS=-
 finetune: $(STAMP) ## fine-tune $(FINETUNE_INIT) with speed-perturbed pseudo-speakers into $(FINETUNE_RUN)/weights (the shipped recipe)
 	$(PY) -m model.training.train --data $(DATA) --arch resnet18 --out $(FINETUNE_RUN) --seed $(SEED) \
 		--init $(FINETUNE_INIT) $(FINETUNE_RECIPE) $(TRAIN_ARGS)
+
+reproduce: ## corpus, train and finetune from nothing, then the recorded wall times (run it again to resume)
+	$(MAKE) corpus
+	test -f $(RUN)/weights/manifest.json || $(MAKE) train TRAIN_ARGS=--resume
+	test -f $(FINETUNE_RUN)/weights/manifest.json || $(MAKE) finetune FINETUNE_INIT=$(RUN)/weights TRAIN_ARGS=--resume
+	$(PY) -m model.training.provenance $(FINETUNE_RUN)/weights
 
 quantize: $(STAMP) ## make the int8 model of $(WEIGHTS_DIR), calibrated on $(DATA) (PRECISION=int8 serves it)
 	$(PY) -m model.training.quantize $(WEIGHTS_DIR) $(DATA)

@@ -16,7 +16,7 @@ import model
 from model.audio import load as load_audio
 from model.features import FeatureConfig, LogMelSpectrogram
 from model.resnet import build
-from model.training import corpus, voices
+from model.training import corpus, provenance, voices
 from model.training.calibrate import Embedder, embed_all
 from model.training.calibrate import main as calibrate_main
 from model.training.centre import fold_affine, spread_statistics, voice_weighting, whitening
@@ -40,12 +40,13 @@ from tests.conftest import SHIPPED_WEIGHTS, speech
 # The 9 labelled voices x 20 clips, plus 2 catalogue training voices x 3 clips and 2 open-set
 # validation and 2 open-set test voices x 8 clips each.
 TINY = {"per_voice": 20, "seed": 3, "extra_per_voice": 3, "open_per_voice": 8, "voice_limit": 2}
+TINY_COMMAND = "python -m model.training.corpus tiny --per-voice 20 --seed 3"  # what corpus.json records
 
 
 @pytest.fixture(scope="module")
 def tiny_corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("corpus")
-    corpus.generate(out, **TINY)
+    corpus.generate(out, **TINY, command=TINY_COMMAND)
     return out
 
 
@@ -184,6 +185,28 @@ def test_generation_is_reproducible_and_resumable(tiny_corpus, tmp_path):
     before = (tmp_path / wav.path).stat().st_mtime_ns
     corpus.make_clip(wav, tmp_path, seed=3)  # already there: kept, not redone
     assert (tmp_path / wav.path).stat().st_mtime_ns == before
+
+
+def test_corpus_record_counts_the_time_of_every_invocation_that_made_clips(tiny_corpus, tmp_path):
+    record = provenance.read_corpus_record(tiny_corpus)
+    assert record is not None and record["command"] == TINY_COMMAND and record["clips"] == 9 * 20 + 2 * 3 + 4 * 8
+    (run,) = record["runs"]
+    assert run["made"] == record["clips"] and record["wall_s"] == run["wall_s"] > 0
+    assert run["machine"]["cpu_capability"] in {"AVX2", "AVX512", "DEFAULT"} and run["machine"]["cores"] >= 1
+    # a corpus made in two goes counts both; a go that finds every clip on disk counts nothing
+    provenance.record_corpus_run(tmp_path, "make corpus", 10, 2, 4, 30.0)
+    provenance.record_corpus_run(tmp_path, "make corpus", 10, 2, 6, 50.0)
+    again = provenance.record_corpus_run(tmp_path, "make corpus", 10, 2, 0, 5.0)
+    assert again["wall_s"] == 80.0 and [r["made"] for r in again["runs"]] == [4, 6]
+    assert provenance.read_corpus_record(tmp_path) == again
+    other = provenance.record_corpus_run(tmp_path, "make corpus --seed 1", 10, 2, 10, 20.0)
+    assert other["wall_s"] == 20.0 and len(other["runs"]) == 1  # another corpus: its own time only
+    # corpus + training, and + the --init run's training where it was trained from scratch on it
+    assert provenance.pipeline_wall_s(again, 100.0, None) == {"corpus": 80.0, "train": 100.0, "total": 180.0}
+    first = {"provenance": {"corpus": again, "train_wall_s": 60.0}}
+    assert provenance.pipeline_wall_s(again, 100.0, first)["total"] == 240.0
+    assert provenance.pipeline_wall_s(other, 100.0, first) is None  # the first run had another corpus
+    assert provenance.pipeline_wall_s(None, 100.0, None) is None
 
 
 @pytest.mark.parametrize("unseen", ["noise", "codec", "rate", "all"])
@@ -377,7 +400,7 @@ def test_training_features_equal_serving_features(tiny_corpus):
     assert torch.equal(LogMelSpectrogram()(wave), served.features(serving_wave))
 
 
-def test_train_cli_writes_loadable_weights_report_and_resumes(tiny_corpus, tmp_path):
+def test_train_cli_writes_loadable_weights_report_and_resumes(tiny_corpus, tmp_path, capsys):
     max_s = 2.0  # of each clip in evaluation and calibration (8 by default): whole-clip embedding is most of the time
     cfg = TrainConfig(
         epochs=2, batch_size=12, crop_s=0.5, patience=5, steps_per_epoch=3, centroid_clips=3, eval_max_s=max_s,
@@ -398,6 +421,15 @@ def test_train_cli_writes_loadable_weights_report_and_resumes(tiny_corpus, tmp_p
     assert loaded.manifest.sha256 == manifest.sha256
     assert loaded.labels == corpus.LABELS and loaded.manifest.features == features
     assert loaded.manifest.verification_threshold is not None
+    # the corpus's record and the run's own time and machine, added up
+    made = loaded.manifest.provenance
+    assert made["corpus"] == provenance.read_corpus_record(tiny_corpus) and made["host"]["cpu_capability"]
+    pipeline = made["pipeline_wall_s"]
+    assert pipeline["corpus"] == made["corpus"]["wall_s"] and pipeline["train"] == made["train_wall_s"]
+    assert pipeline["total"] == pytest.approx(pipeline["corpus"] + pipeline["train"], abs=0.11)
+    provenance.main([str(tmp_path / "weights")])  # what `make reproduce` prints at the end
+    printed = capsys.readouterr().out
+    assert f"({pipeline['total']:.0f} s)" in printed and made["host"]["cpu_capability"] in printed
     assert {"val_accuracy", "val_eer", "open_val_eer", "test_accuracy", "test_eer", "open_set_test"} <= set(
         loaded.manifest.metrics
     )

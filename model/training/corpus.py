@@ -24,10 +24,12 @@ import logging
 import math
 import os
 import random
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from functools import cache
@@ -42,6 +44,7 @@ from tqdm import tqdm
 
 from model.audio import decode, resample
 from model.training.data import speed_up
+from model.training.provenance import record_corpus_run
 from model.training.sentences import sentences
 from model.training.voices import ESPEAK_VARIANT_FILES, LABEL_VOICES, Voice, catalogue, synthetic_variants
 
@@ -385,7 +388,12 @@ def generate(
     extra_per_voice: int = 0,
     open_per_voice: int = 0,
     voice_limit: int | None = None,
+    command: str = "",
 ) -> list[Clip]:
+    """Make the clips not on disk yet and write the manifest, labels, voices and, with ``command``
+    (how it was invoked), ``corpus.json``: this invocation's wall time and machine
+    (``model.training.provenance``)."""
+    started = time.monotonic()
     clips = plan(per_voice, seed, unseen, extra_per_voice, open_per_voice, voice_limit)
     voices = [voice_named(name) for name in dict.fromkeys(c.voice for c in clips)]
     check_tools({v.engine for v in voices} | {"ffmpeg"})
@@ -402,6 +410,8 @@ def generate(
     (out_dir / "labels.json").write_text(json.dumps(LABELS) + "\n")
     roles = [{"voice": v.label, "engine": v.engine, "name": v.name, "warp": v.warp, "role": v.role} for v in voices]
     (out_dir / "voices.json").write_text(json.dumps(roles, indent=1) + "\n")
+    if command:
+        record_corpus_run(out_dir, command, len(clips), len(voices), len(todo), time.monotonic() - started)
     log.info("%d clips of %d voices in %s (%d made now)", len(clips), len(voices), out_dir, len(todo))
     return clips
 
@@ -430,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         args.extra_per_voice,
         args.open_per_voice,
         args.voice_limit,
+        shlex.join(["python", "-m", "model.training.corpus", *(sys.argv[1:] if argv is None else argv)]),
     )
     return 0
 

@@ -23,7 +23,6 @@ import argparse
 import json
 import logging
 import math
-import platform
 import random
 import shlex
 import sys
@@ -55,8 +54,9 @@ from model.training.calibrate import (
 from model.training.centre import centre
 from model.training.data import UNLABELLED, Dataset, load_waves, random_crop, scan, speed_crop, speed_up
 from model.training.metrics import open_set_report, summarise
+from model.training.provenance import machine, pipeline_wall_s, read_corpus_record
 from model.training.voices import WARPED
-from model.weights import Manifest, read, save
+from model.weights import MANIFEST_FILE, Manifest, read, save
 
 log = logging.getLogger(__name__)
 
@@ -603,12 +603,25 @@ def finish(
         "train_clips": len(train_waves),
         "train_voices": len(dataset.voices("train")),
         "train_wall_s": round(wall, 1),
-        "host": {
-            "cpu_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
+        "host": machine(),
+        "bf16": use_bf16(cfg.bf16),
     }
+    corpus_record = read_corpus_record(data_dir)
+    if corpus_record is not None:
+        provenance["corpus"] = corpus_record
+    init = None
+    if cfg.init:
+        init = json.loads((Path(cfg.init) / MANIFEST_FILE).read_text())  # read and checked by warm_start
+        theirs = init.get("provenance", {})
+        provenance["init"] = {
+            "weights": cfg.init,
+            "sha256": init.get("sha256"),
+            "version": theirs.get("version"),
+            "train_wall_s": theirs.get("train_wall_s"),
+        }
+    pipeline = pipeline_wall_s(corpus_record, wall, init)
+    if pipeline is not None:
+        provenance["pipeline_wall_s"] = pipeline
     weights = save(
         final.network,
         out_dir / "weights",
