@@ -40,7 +40,7 @@ from tqdm import tqdm
 from model.audio import decode, encode, to_mono
 from model.features import FeatureConfig, LogMelSpectrogram
 from model.resnet import ARCHITECTURES, ResNet, build
-from model.runtime import EmbeddingModel
+from model.runtime import EmbeddingModel, bf16_native
 from model.training.calibrate import (
     COHORT_CLIPS,
     COHORT_TOP,
@@ -106,16 +106,8 @@ class TrainConfig:
         check_speeds(self.speed_perturb)
 
 
-def bf16_supported() -> bool:
-    """True where oneDNN has native bf16 kernels (AVX512-BF16 / AMX); elsewhere bf16 is slower."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def use_bf16(choice: str) -> bool:
-    return choice == "on" or (choice == "auto" and bf16_supported())
+    return choice == "on" or (choice == "auto" and bf16_native())
 
 
 class SpecAugment(nn.Module):
@@ -258,8 +250,8 @@ def warm_start(
     network.train()
     with torch.no_grad():
         head.weight.copy_(F.normalize(sums, dim=-1))
-    version, seen = manifest.provenance.get("version", "?"), len(picked)
-    log.info("started from %s (%s); margin head at the mean embedding of %d voices", cfg.init, version, seen)
+    seen = len(picked)
+    log.info("started from %s (%s); margin head at the mean embedding of %d voices", cfg.init, manifest.version, seen)
 
 
 def margin_at(cfg: TrainConfig, step: int, total: int) -> float:
