@@ -193,6 +193,7 @@ def test_corpus_record_counts_the_time_of_every_invocation_that_made_clips(tiny_
     (run,) = record["runs"]
     assert run["made"] == record["clips"] and record["wall_s"] == run["wall_s"] > 0
     assert run["machine"]["cpu_capability"] in {"AVX2", "AVX512", "DEFAULT"} and run["machine"]["cores"] >= 1
+    assert {"cpu", "cpu_family", "cpu_model", "bf16_native", "torch"} <= set(run["machine"])
     # a corpus made in two goes counts both; a go that finds every clip on disk counts nothing
     provenance.record_corpus_run(tmp_path, "make corpus", 10, 2, 4, 30.0)
     provenance.record_corpus_run(tmp_path, "make corpus", 10, 2, 6, 50.0)

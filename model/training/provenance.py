@@ -25,18 +25,23 @@ CORPUS_RECORD = "corpus.json"
 
 
 def machine() -> dict[str, Any]:
-    """The machine a figure was measured on: CPU model, cores, the instruction set PyTorch uses
-    (``AVX2`` or ``AVX512``), whether bf16 runs in hardware, and the software versions."""
-    name = platform.processor() or platform.machine()
+    """The machine a figure was measured on: CPU model, with its family and model numbers (2-core
+    machines that all call themselves "AMD EPYC" train at speeds more than 2x apart, docs/training.md),
+    cores, the instruction set PyTorch uses (``AVX2`` or ``AVX512``), whether bf16 runs in
+    hardware, and the software versions."""
+    first: dict[str, str] = {}  # the first processor's block of /proc/cpuinfo
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
+            if not line.strip():
                 break
+            key, _, value = line.partition(":")
+            first[key.strip()] = value.strip()
     except OSError:
         pass
     return {
-        "cpu": name,
+        "cpu": first.get("model name", platform.processor() or platform.machine()),
+        "cpu_family": first.get("cpu family"),
+        "cpu_model": first.get("model"),
         "cores": os.cpu_count(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "bf16_native": bf16_native(),
