@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from model.runtime import BACKENDS, PRECISIONS, EmbeddingModel, load
-from model.training.data import Item, load_waves, scan
+from model.training.data import Dataset, Item, load_waves, scan
 from model.training.metrics import equal_error_rate, open_set_report, summarise
 from model.weights import WeightsError, read, write_manifest
 
@@ -117,9 +117,12 @@ def parity_items(data_dir: Path, split: str) -> list[Item]:
 
 
 @torch.inference_mode()
-def embed_split(model: EmbeddingModel, data_dir: Path, split: str) -> tuple[list[Item], torch.Tensor]:
-    """A split's clips and their embeddings, as /embed computes them; ValueError for an empty split."""
-    items = scan(data_dir).split(split)
+def embed_split(
+    model: EmbeddingModel, data_dir: Path, split: str, dataset: Dataset | None = None
+) -> tuple[list[Item], torch.Tensor]:
+    """A split's clips and their embeddings, as /embed computes them; ValueError for an empty split.
+    ``dataset``: ``scan(data_dir)``, when already made."""
+    items = (dataset or scan(data_dir)).split(split)
     if not items:
         raise ValueError(f"{data_dir}: no clips in split {split!r} (make the corpus with --open-per-voice)")
     waves = load_waves(items, model.sample_rate, f"loading {split}")
@@ -134,8 +137,8 @@ def evaluate_open_set(
     embedded: tuple[list[Item], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """The open-set report of a split (``embedded``: its :func:`embed_split`, when already made)."""
-    dataset = scan(data_dir)
-    items, emb = embedded or embed_split(model, data_dir, split)
+    dataset = scan(data_dir)  # once, for the split and the known classes' clips
+    items, emb = embedded or embed_split(model, data_dir, split, dataset)
     report = open_set_report(
         emb, [it.voice for it in items], [it.conditions for it in items], statistics=model.norm_statistics(emb)
     )
