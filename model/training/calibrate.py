@@ -90,37 +90,39 @@ class Embedder:
         if model.precision != "fp32" or model.backend != "torch":
             raise ValueError(f"an Embedder needs the fp32 PyTorch network, not {model.precision} on {model.backend}")
         self.model, self.max_s = model, max_s
-        self.kept: dict[int, tuple[Tensor, list[Tensor], int]] = {}  # id(wave) -> (wave, fc inputs, windows)
+        self.kept: dict[int, tuple[Tensor, list[Tensor]]] = {}  # id(wave) -> (wave, its fc inputs)
 
     @torch.inference_mode()
-    def _trunk(self, wave: Tensor) -> tuple[list[Tensor], int]:
+    def _trunk(self, wave: Tensor) -> list[Tensor]:
         batches: list[Tensor] = []
         hook = self.model.network.fc.register_forward_hook(lambda _m, inputs, _out: batches.append(inputs[0].clone()))
         try:
-            windows = self.model.infer(wave[: int(self.max_s * self.model.sample_rate)]).windows
+            self.model.infer(wave[: int(self.max_s * self.model.sample_rate)])
         finally:
             hook.remove()
-        return batches, windows
+        return batches
 
     @torch.inference_mode()
-    def _head(self, batches: list[Tensor], windows: int) -> tuple[Tensor, Tensor]:
-        # as EmbeddingModel.infer_many sums and averages its windows' forward passes
+    def _head(self, batches: list[Tensor]) -> tuple[Tensor, Tensor]:
+        # as EmbeddingModel.infer_many sums its windows' forward passes in order and averages them
+        # (fp32 only, so no casts); one row per window
         network = self.model.network
         logits_sum = torch.zeros(self.model.manifest.num_classes)
         emb_sum = torch.zeros(self.model.manifest.embedding_size)
         for features in batches:
             emb = network.fc(features)
-            logits = network.linear(emb).float()
+            logits = network.linear(emb)
             for k in range(len(features)):
                 logits_sum += logits[k]
-                emb_sum += emb.float()[k]
+                emb_sum += emb[k]
+        windows = sum(len(features) for features in batches)
         return logits_sum / windows, emb_sum / windows
 
     def __call__(self, waves: list[Tensor]) -> tuple[Tensor, Tensor]:
         for w in waves:
             if id(w) not in self.kept:
-                self.kept[id(w)] = (w, *self._trunk(w))
-        rows = [self._head(*self.kept[id(w)][1:]) for w in waves]
+                self.kept[id(w)] = (w, self._trunk(w))
+        rows = [self._head(self.kept[id(w)][1]) for w in waves]
         return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
 
 
