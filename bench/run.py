@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -302,13 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     waves = {name: [m.prepare(a) for _, a in items] for name, items in decoded.items()}
 
     report: dict[str, Any] = {
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "torch": torch.__version__,
-            "threads": threads,
-            "bf16_native": model.runtime.bf16_native(),
-        },
+        "machine": model.runtime.machine(),  # after set_num_threads: its threads are the bench's
         "service_settings": {
             "backend": m.backend,
             "precision": m.precision,
@@ -322,7 +315,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     print("hardware ceiling ...", file=sys.stderr)
     peaks = arithmetic_peaks(threads)
-    report["machine"]["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     report["hardware"] = {
         "fp32_gflops": matmul_gflops(torch.float32),
         "bf16_gflops": matmul_gflops(torch.bfloat16),

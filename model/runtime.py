@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import os
+import platform
 import threading
 import time
 from collections.abc import Callable
@@ -48,6 +50,33 @@ def bf16_native() -> bool:
     """True where oneDNN runs bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated
     and several times slower than fp32."""
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def machine() -> dict[str, Any]:
+    """The machine a figure was measured on: CPU model, with its family and model numbers (2-core
+    machines that all call themselves "AMD EPYC" train at speeds more than 2x apart, docs/training.md),
+    cores, the instruction set PyTorch uses (``AVX2`` or ``AVX512``), whether bf16 runs in
+    hardware, and the software versions."""
+    first: dict[str, str] = {}  # the first processor's block of /proc/cpuinfo
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                break
+            key, _, value = line.partition(":")
+            first[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return {
+        "cpu": first.get("model name", platform.processor() or platform.machine()),
+        "cpu_family": first.get("cpu family"),
+        "cpu_model": first.get("model"),
+        "cores": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16_native": bf16_native(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _resolve(what: str, value: str, choices: tuple[str, ...], auto: Callable[[], str]) -> str:

@@ -419,24 +419,33 @@ def write_manifest(out_dir: str | Path, manifest: Manifest) -> None:
     tmp.replace(path)
 
 
-def read(path: str | Path) -> tuple[ResNet, Manifest]:
-    """Read and check a weights directory: the network with its weights loaded, and the manifest.
+def read_manifest(path: str | Path) -> Manifest:
+    """Read and check a weights directory's manifest alone (no tensors loaded, no cohort).
     Raises :class:`WeightsError` naming the file and the problem."""
     root = Path(path)
     if not root.is_dir():
         raise WeightsError(f"{root}: not a weights directory (expected {TENSORS_FILE} + {MANIFEST_FILE})")
-    manifest_path, tensors_path = root / MANIFEST_FILE, root / TENSORS_FILE
-    for p in (manifest_path, tensors_path):
-        if not p.is_file():
-            raise WeightsError(f"{p}: missing")
+    manifest_path = root / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise WeightsError(f"{manifest_path}: missing")
     try:
         raw = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise WeightsError(f"{manifest_path}: not valid JSON ({exc})") from None
     try:
-        manifest = Manifest.from_dict(raw)
+        return Manifest.from_dict(raw)
     except ValueError as exc:
         raise WeightsError(f"{manifest_path}: {exc}") from None
+
+
+def read(path: str | Path) -> tuple[ResNet, Manifest]:
+    """Read and check a weights directory: the network with its weights loaded, and the manifest.
+    Raises :class:`WeightsError` naming the file and the problem."""
+    root = Path(path)
+    tensors_path = root / TENSORS_FILE
+    if root.is_dir() and (root / MANIFEST_FILE).is_file() and not tensors_path.is_file():
+        raise WeightsError(f"{tensors_path}: missing")
+    manifest = read_manifest(root)
     _check_file(tensors_path, manifest.sha256, "the manifest's tensors")
     state = _load_tensors(tensors_path)
     network = build(manifest.architecture, manifest.num_classes, manifest.embedding_size)

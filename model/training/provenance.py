@@ -11,44 +11,14 @@ weights' provenance next to its own wall time and, for a run started from other 
 from __future__ import annotations
 
 import json
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from model.runtime import bf16_native
+from model.runtime import machine
+from model.weights import WeightsError, read_manifest
 
 CORPUS_RECORD = "corpus.json"
-
-
-def machine() -> dict[str, Any]:
-    """The machine a figure was measured on: CPU model, with its family and model numbers (2-core
-    machines that all call themselves "AMD EPYC" train at speeds more than 2x apart, docs/training.md),
-    cores, the instruction set PyTorch uses (``AVX2`` or ``AVX512``), whether bf16 runs in
-    hardware, and the software versions."""
-    first: dict[str, str] = {}  # the first processor's block of /proc/cpuinfo
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if not line.strip():
-                break
-            key, _, value = line.partition(":")
-            first[key.strip()] = value.strip()
-    except OSError:
-        pass
-    return {
-        "cpu": first.get("model name", platform.processor() or platform.machine()),
-        "cpu_family": first.get("cpu family"),
-        "cpu_model": first.get("model"),
-        "cores": os.cpu_count(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "bf16_native": bf16_native(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def read_corpus_record(data_dir: Path) -> dict[str, Any] | None:
@@ -127,10 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("weights", type=Path)
     args = parser.parse_args(argv)
     try:
-        manifest = json.loads((args.weights / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SystemExit(f"{args.weights}: no readable manifest.json ({exc})") from exc
-    provenance = manifest.get("provenance", {})
+        provenance = read_manifest(args.weights).provenance
+    except WeightsError as exc:
+        raise SystemExit(str(exc)) from None
     pipeline = provenance.get("pipeline_wall_s")
     if pipeline is None:
         raise SystemExit(f"{args.weights}: no pipeline_wall_s (not made by one corpus + training run)")

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from model.audio import decode, encode, to_mono
 from model.features import FeatureConfig, LogMelSpectrogram
 from model.resnet import ARCHITECTURES, ResNet, build
-from model.runtime import EmbeddingModel, bf16_native
+from model.runtime import EmbeddingModel, bf16_native, machine
 from model.training.calibrate import (
     COHORT_CLIPS,
     COHORT_TOP,
@@ -54,9 +54,9 @@ from model.training.calibrate import (
 from model.training.centre import centre
 from model.training.data import UNLABELLED, Dataset, load_waves, random_crop, scan, speed_crop, speed_up
 from model.training.metrics import open_set_report, summarise
-from model.training.provenance import machine, pipeline_wall_s, read_corpus_record
+from model.training.provenance import pipeline_wall_s, read_corpus_record
 from model.training.voices import WARPED
-from model.weights import MANIFEST_FILE, Manifest, read, save
+from model.weights import Manifest, read, read_manifest, save
 
 log = logging.getLogger(__name__)
 
@@ -603,11 +603,11 @@ def finish(
         provenance["corpus"] = corpus_record
     init = None
     if cfg.init:
-        init = json.loads((Path(cfg.init) / MANIFEST_FILE).read_text())  # read and checked by warm_start
+        init = read_manifest(cfg.init).to_dict()
         theirs = init.get("provenance", {})
         provenance["init"] = {
             "weights": cfg.init,
-            "sha256": init.get("sha256"),
+            "sha256": init["sha256"],
             "version": theirs.get("version"),
             "train_wall_s": theirs.get("train_wall_s"),
         }
