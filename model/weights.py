@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -275,6 +275,20 @@ def _cosine_or_none(data: dict[str, Any], key: str, bound: float = 1) -> float |
     return float(value)
 
 
+def replace_file(path: Path, write: Callable[[Path], object]) -> None:
+    """Write ``path`` whole or not at all: ``write`` fills ``path.with_suffix(".tmp")``, which then
+    replaces ``path`` (one rename on the same file system); on an error the temporary file goes and
+    ``path`` stays as it was. Manifests, cohorts, checkpoints and the corpus record use it, so a
+    run killed midway never leaves half a file that a resume or the service would read."""
+    tmp = path.with_suffix(".tmp")
+    try:
+        write(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(path)
+
+
 def _save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
     """``safetensors.torch.save_file``, with the permissions any other file gets: it creates
     files readable by their owner only, which a service running as another user cannot read."""
@@ -397,15 +411,13 @@ def write_manifest(out_dir: str | Path, manifest: Manifest) -> None:
     if manifest.cohort is not None:
         entry = dict(manifest.known_cohort or {})
         stored = manifest.cohort.detach().cpu().to(torch.float16).contiguous()
-        tmp_cohort = cohort_path.with_suffix(".tmp")
-        try:
-            _save_tensors({COHORT_TENSOR: stored}, tmp_cohort)
-            entry.update(file=COHORT_FILE, sha256=file_sha256(tmp_cohort), voices=int(stored.shape[0]))
+
+        def write_cohort(tmp: Path) -> None:
+            _save_tensors({COHORT_TENSOR: stored}, tmp)
+            entry.update(file=COHORT_FILE, sha256=file_sha256(tmp), voices=int(stored.shape[0]))
             Manifest.from_dict({**manifest.to_dict(), "known_cohort": entry})  # refuse before replacing anything
-        except BaseException:
-            tmp_cohort.unlink(missing_ok=True)
-            raise
-        tmp_cohort.replace(cohort_path)
+
+        replace_file(cohort_path, write_cohort)
         manifest.known_cohort, manifest.cohort = entry, stored
     elif manifest.known_cohort is not None:
         if not cohort_path.is_file() or file_sha256(cohort_path) != manifest.known_cohort.get("sha256"):
@@ -413,10 +425,7 @@ def write_manifest(out_dir: str | Path, manifest: Manifest) -> None:
     elif cohort_path.is_file():
         cohort_path.unlink()  # recalibrated without background voices: do not leave a stale file
     Manifest.from_dict(manifest.to_dict())
-    path = out / MANIFEST_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
-    tmp.replace(path)
+    replace_file(out / MANIFEST_FILE, lambda tmp: tmp.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n"))
 
 
 def read_manifest(path: str | Path) -> Manifest:

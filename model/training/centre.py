@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shlex
 import sys
 from collections import Counter
 from pathlib import Path
@@ -73,6 +72,7 @@ from model.training.calibrate import Embedder, apply_calibration, calibrate_on_c
 from model.training.data import Item, load_waves
 from model.training.evaluate import evaluate, evaluate_open_set
 from model.training.metrics import open_set_report
+from model.training.provenance import command_line
 from model.weights import WeightsError, save
 
 log = logging.getLogger(__name__)
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     apply_calibration(loaded, cal, args.data_dir)
     m = loaded.manifest
     metrics = {k: v for k, v in m.metrics.items() if k not in STALE_METRICS}
-    metrics["centring"] = {**info, "command": shlex.join(["python", "-m", "model.training.centre", *sys.argv[1:]])}
+    metrics["centring"] = {**info, "command": command_line("model.training.centre", argv)}
     if dataset.split("test"):  # the test figures training wrote, measured again on the centred embedding
         test = evaluate(loaded, args.data_dir, "test")
         metrics.update(

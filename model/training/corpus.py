@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import random
-import shlex
 import shutil
 import subprocess
 import sys
@@ -44,7 +43,7 @@ from tqdm import tqdm
 
 from model.audio import decode, resample
 from model.training.data import speed_up
-from model.training.provenance import record_corpus_run
+from model.training.provenance import command_line, record_corpus_run
 from model.training.sentences import sentences
 from model.training.voices import ESPEAK_VARIANT_FILES, LABEL_VOICES, Voice, catalogue, synthetic_variants
 
@@ -440,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         args.extra_per_voice,
         args.open_per_voice,
         args.voice_limit,
-        shlex.join(["python", "-m", "model.training.corpus", *(sys.argv[1:] if argv is None else argv)]),
+        command_line("model.training.corpus", argv),
     )
     return 0
 

@@ -24,7 +24,6 @@ import argparse
 import json
 import logging
 import re
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from model.runtime import BACKENDS, PRECISIONS, EmbeddingModel, load
 from model.training.data import Dataset, Item, load_waves, scan
 from model.training.metrics import equal_error_rate, open_set_report, summarise
+from model.training.provenance import command_line
 from model.weights import WeightsError, read, write_manifest
 
 log = logging.getLogger(__name__)
@@ -321,8 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             summary = evaluate(model, args.data_dir, args.split)
         if args.record:
-            command = ["python", "-m", "model.training.evaluate", *(sys.argv[1:] if argv is None else argv)]
-            record(args.weights_dir, args.record, summary, shlex.join(command))
+            record(args.weights_dir, args.record, summary, command_line("model.training.evaluate", argv))
     except (WeightsError, ValueError) as exc:
         log.error("error: %s", exc)
         return 2

@@ -11,14 +11,22 @@ weights' provenance next to its own wall time and, for a run started from other 
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from model.runtime import machine
-from model.weights import WeightsError, read_manifest
+from model.weights import WeightsError, read_manifest, replace_file
 
 CORPUS_RECORD = "corpus.json"
+
+
+def command_line(module: str, argv: list[str] | None = None) -> str:
+    """The command that ran ``python -m module`` with ``argv`` (this process's own when None), as
+    one shell-quoted line for a record."""
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
 def read_corpus_record(data_dir: Path) -> dict[str, Any] | None:
@@ -54,10 +62,7 @@ def record_corpus_run(
         "wall_s": round(sum(r["wall_s"] for r in runs), 1),
         "runs": runs,
     }
-    path = Path(data_dir) / CORPUS_RECORD
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(path)
+    replace_file(Path(data_dir) / CORPUS_RECORD, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
     return record
 
 

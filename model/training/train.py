@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import random
-import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -54,9 +53,9 @@ from model.training.calibrate import (
 from model.training.centre import centre
 from model.training.data import UNLABELLED, Dataset, load_waves, random_crop, scan, speed_crop, speed_up
 from model.training.metrics import open_set_report, summarise
-from model.training.provenance import pipeline_wall_s, read_corpus_record
+from model.training.provenance import command_line, pipeline_wall_s, read_corpus_record
 from model.training.voices import WARPED
-from model.weights import Manifest, read, read_manifest, save
+from model.weights import Manifest, read, read_manifest, replace_file, save
 
 log = logging.getLogger(__name__)
 
@@ -313,9 +312,7 @@ def _score(record: dict[str, Any]) -> tuple[float, float]:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    replace_file(path, lambda tmp: torch.save(state, tmp))
 
 
 def plot_report(report_dir: Path, history: list[dict[str, Any]], test: dict[str, Any], labels: list[str]) -> None:
@@ -601,7 +598,7 @@ def finish(
     provenance = {
         "name": f"voice-embed-{cfg.arch}",
         "trained_on": str(data_dir),
-        "train_command": shlex.join(["python", "-m", "model.training.train", *sys.argv[1:]]),
+        "train_command": command_line("model.training.train"),
         "train_config": asdict(cfg),
         "train_clips": len(train_waves),
         "train_voices": len(dataset.voices("train")),
