@@ -61,7 +61,6 @@ log = logging.getLogger(__name__)
 
 WARM_START_CLIPS = 2  # clips a voice for its margin-head row under --init
 WARM_START_CROP_S = 3.0  # seconds of each
-WARM_START_BATCH = 32  # windows through the network at once
 
 
 @dataclass
@@ -237,26 +236,16 @@ def warm_start(
         if len(picked.setdefault(v, [])) < WARM_START_CLIPS:
             picked[v].append(i)
     sr = feature_cfg.sample_rate
-    # windows of one length and speed share a batch (each clip's front end normalises over its own
-    # frames, so padding would change what it sees): most clips are longer than the window, so
-    # nearly all of them fall into one batch per speed
-    groups: dict[tuple[float, int], list[tuple[int, int]]] = {}  # (speed, samples read) -> (row, clip)
-    for v, clips in picked.items():
-        rows = [(v, 1.0)] + [(int(r), s) for r, s in zip(pseudo[v], cfg.speed_perturb, strict=True) if r >= 0]
-        for i in clips:
-            for row, speed in rows:
-                samples = min(train_waves[i].numel(), round(window * speed))
-                groups.setdefault((speed, samples), []).append((row, i))
     sums = torch.zeros_like(head.weight)
     network.eval()
-    with torch.inference_mode(), tqdm(total=sum(map(len, groups.values())), desc="voice vectors from --init") as bar:
-        for (speed, samples), jobs in groups.items():
-            for start in range(0, len(jobs), WARM_START_BATCH):
-                chunk = jobs[start : start + WARM_START_BATCH]
-                waves = torch.stack([speed_up(train_waves[i][:samples], speed, sr) for _, i in chunk])
-                _, emb = network(features(waves))
-                sums.index_add_(0, torch.tensor([row for row, _ in chunk]), F.normalize(emb.float(), dim=-1))
-                bar.update(len(chunk))
+    with torch.inference_mode():
+        for v, clips in tqdm(picked.items(), desc="voice vectors from --init", unit="voice"):
+            rows = [(v, 1.0)] + [(int(r), s) for r, s in zip(pseudo[v], cfg.speed_perturb, strict=True) if r >= 0]
+            for i in clips:
+                for row, speed in rows:
+                    wave = speed_up(train_waves[i][: round(window * speed)], speed, sr)
+                    _, emb = network(features(wave.unsqueeze(0)))
+                    sums[row] += F.normalize(emb[0].float(), dim=0)
     network.train()
     with torch.no_grad():
         head.weight.copy_(F.normalize(sums, dim=-1))
