@@ -508,7 +508,7 @@ def train(
     network.load_state_dict(best["network"])
     final = EmbeddingModel(network, manifest)
     return finish(final, dataset, cfg, best, history, train_waves, train_classes.tolist(), val_waves,
-                  open_val_waves, data_dir, out_dir, started)  # fmt: skip
+                  open_val_waves, data_dir, out_dir, started, bf16)  # fmt: skip
 
 
 def finish(
@@ -524,8 +524,10 @@ def finish(
     data_dir: Path,
     out_dir: Path,
     started: float,
+    bf16: bool,
 ) -> Manifest:
-    """Calibrate on the validation voices, test, and write the weights and the report."""
+    """Calibrate on the validation voices, test, and write the weights and the report (``bf16``:
+    whether the steps ran under bf16 autocast, for the provenance)."""
     labels, sr, max_s = dataset.labels, final.sample_rate, cfg.eval_max_s
     val_items = dataset.split("val")
     train_items = dataset.split("train")
@@ -593,7 +595,7 @@ def finish(
         "train_voices": len(dataset.voices("train")),
         "train_wall_s": round(wall, 1),
         "host": machine(),
-        "bf16": use_bf16(cfg.bf16),
+        "bf16": bf16,
     }
     corpus_record = read_corpus_record(data_dir)
     if corpus_record is not None:
