@@ -10,6 +10,7 @@ weights' provenance next to its own wall time and, for a run started from other 
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import sys
@@ -96,8 +97,6 @@ def _host(host: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """``python -m model.training.provenance WEIGHTS``: the recorded wall times of the corpus and
     the training runs that made these weights, and the machine each ran on."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m model.training.provenance", description=main.__doc__)
     parser.add_argument("weights", type=Path)
     args = parser.parse_args(argv)
