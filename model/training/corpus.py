@@ -41,9 +41,24 @@ import torch
 import torchaudio.functional as AF
 from tqdm import tqdm
 
-from model.audio import decode, resample
+from model.audio import decode, load, resample
+from model.speech import SpeechDetector
 from model.training.data import speed_up
 from model.training.provenance import command_line, record_corpus_run
+from model.training.realspeech import (
+    HELD_OUT_MIN_CLIPS,
+    Piece,
+    RealSplit,
+    Speaker,
+    joined_length,
+    read_spans,
+    read_speakers,
+    spans_of,
+    speech_regions,
+    split_speakers,
+    training_pieces,
+    trial_pieces,
+)
 from model.training.sentences import sentences
 from model.training.voices import ESPEAK_VARIANT_FILES, LABEL_VOICES, Voice, catalogue, synthetic_variants
 
@@ -57,6 +72,7 @@ MAX_SECONDS = 8.0
 SENTENCE_POOL = 800
 TOOLS = {"flite": "flite", "festival": "text2wave", "espeak": "espeak-ng", "ffmpeg": "ffmpeg"}
 
+EXTENSIONS = {"wav": "wav", "mulaw": "wav", "mp3": "mp3", "opus": "opus", "aac": "m4a"}
 SPLIT_OF_SLOT = ["train"] * 8 + ["val", "test"]  # clip index % 10 and sentence id % 10 -> split
 
 
@@ -71,6 +87,9 @@ class Clip:
     sentence_id: int
     text: str
     conditions: dict[str, Any] = field(default_factory=dict)
+    source: str = ""  # a real recording's source (model.training.realspeech); "" for a synthesised clip
+    segment: str = ""  # held-out real clips: the same speech under each probe condition shares it
+    origin: dict[str, Any] = field(default_factory=dict)  # real clips: file, offset and length of the speech
 
 
 def split_of(index: int) -> str:
@@ -135,7 +154,7 @@ def _clip(voice: Voice, label: int | None, i: int, split: str, seed: int, salt: 
     sid = rng.choice(sids)
     conditions = draw_conditions(rng, unseen)
     codec = str(conditions.get("codec", "wav:0")).split(":")[0]
-    ext = {"wav": "wav", "mp3": "mp3", "opus": "opus", "aac": "m4a"}[codec]
+    ext = EXTENSIONS[codec]
     return Clip(
         path=f"{voice.label}/{split}-{i:05d}.{ext}",
         label=label,
@@ -313,6 +332,7 @@ def degrade(wave: torch.Tensor, sr: int, c: dict[str, Any], gen: torch.Generator
 
 CODEC_OPTIONS = {
     "wav": ["-c:a", "pcm_s16le"],
+    "mulaw": ["-c:a", "pcm_mulaw"],  # G.711 in WAV: the telephone probes of held-out real speakers
     "mp3": ["-c:a", "libmp3lame"],
     "opus": ["-c:a", "libopus"],
     "aac": ["-c:a", "aac"],
@@ -344,17 +364,90 @@ def make_clip(clip: Clip, out_dir: Path, seed: int) -> None:
     target = out_dir / clip.path
     if target.exists():
         return
-    voice = voice_named(clip.voice)
     c = clip.conditions
     gen = torch.Generator().manual_seed(random.Random(f"{seed}:{clip.path}").getrandbits(63))
     with tempfile.TemporaryDirectory() as tmp:
-        wave = speak(voice, clip.text, float(c["rate"]), int(c["pitch"]), Path(tmp))
+        if clip.origin:  # real speech: the speech of its file that the clip is cut from
+            wave = read_spans(clip.origin["file"], clip.origin["spans"])
+        else:
+            wave = speak(voice_named(clip.voice), clip.text, float(c["rate"]), int(c["pitch"]), Path(tmp))
         wave = wave[: int(MAX_SECONDS * SAMPLE_RATE)]
         wave, sr = degrade(wave, SAMPLE_RATE, c, gen)
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = Path(tmp) / ("partial" + target.suffix)
         encode(wave, sr, str(c.get("codec", "wav")), partial)
         shutil.move(partial, target)  # atomic enough: a resumed run never sees half a clip
+
+
+# Held-out real speakers: each clip of speech is made once under each of these, so that trials can
+# enrol on the clip as recorded and probe with the others (a telephone line: 300-3400 Hz, 8 kHz,
+# G.711 mu-law; VoIP and streaming codecs at low bitrates; noise; a reverberant room).
+PROBES: dict[str, dict[str, Any]] = {
+    "clean": {},
+    "telephone": {"band": "telephone", "codec": "mulaw"},
+    "opus": {"codec": "opus:12k"},
+    "mp3": {"codec": "mp3:24k"},
+    "noise": {"noise": "pink", "snr_db": 10.0},
+    "reverb": {"reverb_rt60": 0.5},
+}
+REAL_TRAIN_COPIES = 2  # each training piece as recorded, and under conditions drawn as for synthetic clips
+
+
+def real_conditions(rng: random.Random, copy: int) -> dict[str, Any]:
+    """A real training clip's conditions: copy 0 as recorded (a level only), the others drawn as
+    the synthetic clips' are, less the speaking rate and pitch, which are the speaker's own."""
+    drawn = draw_conditions(rng)
+    if copy == 0:
+        return {"gain_db": drawn["gain_db"]}
+    return {k: v for k, v in drawn.items() if k not in ("rate", "pitch")}
+
+
+def plan_real(
+    speakers: list[Speaker],
+    regions: dict[Path, list[tuple[int, int]]],
+    split: RealSplit,
+    seed: int,
+    train_most: int,
+    trial_most: int,
+) -> list[Clip]:
+    """The real speakers' clips: each training speaker's pieces (``train_most`` at most) in
+    ``REAL_TRAIN_COPIES`` copies, each held-out speaker's (``trial_most`` at most) under every probe
+    condition. A clip's ``origin`` says which samples of which file it is."""
+    clips = []
+    for speaker in speakers:
+        role = split.roles[speaker.name]
+        if role == "train":
+            for k, piece in enumerate(training_pieces(speaker, regions, train_most)):
+                for copy in range(REAL_TRAIN_COPIES):
+                    conditions = real_conditions(random.Random(f"{seed}:real:{speaker.name}:{k}:{copy}"), copy)
+                    clip = _real_clip(speaker, piece, regions, f"train-{k:04d}-{copy}", "train", conditions)
+                    clip.segment = f"{speaker.name}#{k}"
+                    clips.append(clip)
+        else:
+            for k, piece in enumerate(trial_pieces(speaker, regions, trial_most)):
+                for probe, conditions in PROBES.items():
+                    clip = _real_clip(speaker, piece, regions, f"{role}-{k:02d}-{probe}", role, dict(conditions))
+                    clip.segment = f"{speaker.name}#{k}"
+                    clips.append(clip)
+    return clips
+
+
+def _real_clip(
+    speaker: Speaker, piece: Piece, regions: dict[Path, list[tuple[int, int]]], name: str, split: str,
+    conditions: dict[str, Any],
+) -> Clip:  # fmt: skip
+    ext = EXTENSIONS[str(conditions.get("codec", "wav")).split(":")[0]]
+    return Clip(
+        path=f"real/{speaker.name}/{name}.{ext}",
+        label=None,
+        voice=speaker.name,
+        split=split,
+        sentence_id=-1,
+        text="",
+        conditions=conditions,
+        source=speaker.source,
+        origin={"file": str(piece.file), "spans": spans_of(piece, regions[piece.file])},
+    )
 
 
 def _make(args: tuple[Clip, Path, int]) -> str:
@@ -378,6 +471,72 @@ def check_espeak_variants(voices: Iterable[Voice]) -> None:
         raise SystemExit(f"espeak-ng has no variant files {', '.join(missing)} (expected: {len(ESPEAK_VARIANT_FILES)})")
 
 
+@dataclass
+class RealSpeech:
+    """Real speakers for the corpus (``model.training.realspeech``): ``root`` is a folder of sources;
+    ``val`` and ``test`` speakers are held out; at most ``train_clips`` pieces of each training
+    speaker and ``trial_clips`` of each held-out one."""
+
+    root: Path
+    val: int = 40
+    test: int = 60
+    train_clips: int = 32
+    trial_clips: int = 6
+
+
+_detector: SpeechDetector | None = None
+
+
+def _detect(path: Path) -> list[tuple[int, int]]:
+    global _detector  # one Silero model per worker process
+    _detector = _detector or SpeechDetector()
+    return _detector.regions(load(path, SAMPLE_RATE))
+
+
+def _regions_in_pool(pool: Any) -> Any:
+    def detect_many(files: list[Path]) -> list[list[tuple[int, int]]]:
+        return list(tqdm(pool.imap(_detect, files), total=len(files), desc="finding speech", unit="file"))
+
+    return detect_many
+
+
+def plan_real_speech(real: RealSpeech, out_dir: Path, seed: int, pool: Any) -> tuple[list[Clip], list[dict[str, Any]]]:
+    """The real speakers' clips and a row per speaker (source, licence, sex, role, seconds of
+    speech) for ``voices.json`` and ``corpus.json``. Speech is found once per file and cached."""
+    speakers = read_speakers(real.root)
+    regions = speech_regions(speakers, out_dir, _regions_in_pool(pool))
+    eligible = {s.name for s in speakers if len(trial_pieces(s, regions, real.trial_clips)) >= HELD_OUT_MIN_CLIPS}
+    split = split_speakers(speakers, eligible, real.val, real.test, seed)
+    clips = plan_real(speakers, regions, split, seed, real.train_clips, real.trial_clips)
+    rows = [
+        {
+            "voice": s.name, "engine": "real", "source": s.source, "license": s.licence, "sex": s.sex,
+            "role": split.roles[s.name],
+            "speech_s": round(sum(joined_length(regions[f]) for f in s.files) / SAMPLE_RATE, 1),
+        }
+        for s in speakers
+    ]  # fmt: skip
+    return clips, rows
+
+
+def real_summary(rows: list[dict[str, Any]], root: Path) -> dict[str, Any]:
+    """What ``corpus.json`` says of the real speech: where it came from, and per source its
+    licences and how many speakers each role has."""
+    sources: dict[str, Any] = {}
+    for r in rows:
+        entry = sources.setdefault(r["source"], {"licenses": [], "speakers": 0, "roles": {}})
+        if r["license"] not in entry["licenses"]:
+            entry["licenses"].append(r["license"])
+        entry["speakers"] += 1
+        entry["roles"][r["role"]] = entry["roles"].get(r["role"], 0) + 1
+    return {"root": str(root), "speakers": len(rows), "sources": sources}
+
+
+def _row(clip: Clip) -> dict[str, Any]:
+    """A manifest line: the real-speech fields only where they are set."""
+    return {k: v for k, v in asdict(clip).items() if v or k not in ("source", "segment", "origin")}
+
+
 def generate(
     out_dir: Path,
     per_voice: int,
@@ -388,30 +547,37 @@ def generate(
     open_per_voice: int = 0,
     voice_limit: int | None = None,
     command: str = "",
+    real: RealSpeech | None = None,
 ) -> list[Clip]:
     """Make the clips not on disk yet and write the manifest, labels, voices and, with ``command``
     (how it was invoked), ``corpus.json``: this invocation's wall time and machine
-    (``model.training.provenance``)."""
+    (``model.training.provenance``), and with ``real``, the real speakers' sources and licences."""
     started = time.monotonic()
     clips = plan(per_voice, seed, unseen, extra_per_voice, open_per_voice, voice_limit)
     voices = [voice_named(name) for name in dict.fromkeys(c.voice for c in clips)]
     check_tools({v.engine for v in voices} | {"ffmpeg"})
     check_espeak_variants(voices)
     out_dir.mkdir(parents=True, exist_ok=True)
-    todo = [(clip, out_dir, seed) for clip in clips if not (out_dir / clip.path).exists()]
-    if todo:
-        with get_context("spawn").Pool(workers) as pool:  # no fork: torch threads may be running
-            for _ in tqdm(pool.imap_unordered(_make, todo), total=len(todo), desc="synthesising", unit="clip"):
-                pass
+    rows: list[dict[str, Any]] = []
+    with get_context("spawn").Pool(workers) as pool:  # no fork: torch threads may be running
+        if real is not None:
+            real_clips, rows = plan_real_speech(real, out_dir, seed, pool)
+            clips += real_clips
+        todo = [(clip, out_dir, seed) for clip in clips if not (out_dir / clip.path).exists()]
+        for _ in tqdm(pool.imap_unordered(_make, todo), total=len(todo), desc="making clips", unit="clip"):
+            pass
     with (out_dir / "manifest.jsonl").open("w") as f:
         for clip in clips:
-            f.write(json.dumps(asdict(clip)) + "\n")
+            f.write(json.dumps(_row(clip)) + "\n")
     (out_dir / "labels.json").write_text(json.dumps(LABELS) + "\n")
     roles = [{"voice": v.label, "engine": v.engine, "name": v.name, "warp": v.warp, "role": v.role} for v in voices]
-    (out_dir / "voices.json").write_text(json.dumps(roles, indent=1) + "\n")
+    (out_dir / "voices.json").write_text(json.dumps(roles + rows, indent=1) + "\n")
     if command:
-        record_corpus_run(out_dir, command, len(clips), len(voices), len(todo), time.monotonic() - started)
-    log.info("%d clips of %d voices in %s (%d made now)", len(clips), len(voices), out_dir, len(todo))
+        summary = real_summary(rows, real.root) if real is not None else None
+        record_corpus_run(
+            out_dir, command, len(clips), len(voices) + len(rows), len(todo), time.monotonic() - started, summary
+        )
+    log.info("%d clips of %d voices in %s (%d made now)", len(clips), len(voices) + len(rows), out_dir, len(todo))
     return clips
 
 
@@ -425,22 +591,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--conditions", choices=["standard", *(f"unseen-{u}" for u in UNSEEN)], default="standard")
     parser.add_argument("--workers", type=int, default=2)
+    real = RealSpeech(Path())
+    parser.add_argument("--real", type=Path, help="a folder of real speech: one folder of speakers per source")
+    parser.add_argument("--real-val", type=int, default=real.val, help="real speakers held out for validation")
+    parser.add_argument("--real-test", type=int, default=real.test, help="real speakers held out for test")
+    parser.add_argument(
+        "--real-train-clips", type=int, default=real.train_clips, help="clips of up to 6 s per real training speaker"
+    )
+    parser.add_argument(
+        "--real-trial-clips", type=int, default=real.trial_clips, help="clips of 3-6 s per held-out real speaker"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     unseen = args.conditions.removeprefix("unseen-") if args.conditions != "standard" else ""
-    if unseen and (args.extra_per_voice or args.open_per_voice):
+    if unseen and (args.extra_per_voice or args.open_per_voice or args.real):
         parser.error("unseen condition sets hold the 9 labelled voices only")
-    generate(
-        args.out_dir,
-        args.per_voice,
-        args.seed,
-        unseen,
-        args.workers,
-        args.extra_per_voice,
-        args.open_per_voice,
-        args.voice_limit,
-        command_line("model.training.corpus", argv),
-    )
+    if args.real is not None:
+        real = RealSpeech(args.real, args.real_val, args.real_test, args.real_train_clips, args.real_trial_clips)
+    try:
+        generate(
+            args.out_dir,
+            args.per_voice,
+            args.seed,
+            unseen,
+            args.workers,
+            args.extra_per_voice,
+            args.open_per_voice,
+            args.voice_limit,
+            command_line("model.training.corpus", argv),
+            real if args.real is not None else None,
+        )
+    except ValueError as exc:  # a folder with no speakers, a reserved speaker, too few to hold out
+        raise SystemExit(f"error: {exc}") from None
     return 0
 
 

@@ -36,6 +36,12 @@ class Item:
     split: str  # train | val | test | open-val | open-test
     voice: str = ""  # the speaker; the class name where the layout has no voices
     conditions: dict[str, Any] = field(default_factory=dict)
+    source: str = ""  # a real recording's source; "" for synthesised speech (model.training.corpus)
+    segment: str = ""  # clips of the same speech under other conditions share it (held-out real speakers)
+
+    @property
+    def real(self) -> bool:
+        return bool(self.source)
 
 
 @dataclass
@@ -75,7 +81,12 @@ def scan(root: str | Path, labels: list[str] | None = None) -> Dataset:
                 label = r["label"] if isinstance(r["label"], int) else labels.index(str(r["label"]))
             voice = str(r.get("voice") or labels[label])
             split = r.get("split") or _hash_split(r["path"])
-            items.append(Item(root / r["path"], label, split, voice, dict(r.get("conditions") or {})))
+            items.append(
+                Item(
+                    root / r["path"], label, split, voice, dict(r.get("conditions") or {}),
+                    str(r.get("source") or ""), str(r.get("segment") or ""),
+                )
+            )  # fmt: skip
         return Dataset(root, labels, items)
     has_splits = all((root / s).is_dir() for s in ("train", "val"))
     bases = [(root / s, s) for s in SPLITS if (root / s).is_dir()] if has_splits else [(root, None)]
