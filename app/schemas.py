@@ -189,6 +189,9 @@ class ModelInfo(BaseModel):
     features: dict[str, Any]
     verification_threshold: float | None
     verification_score: Literal["cosine", "as-norm"] = Field(description="the scale of verification_threshold")
+    identify_threshold: float | None = Field(
+        None, description="/identify names a speaker at or above this score (on verification_threshold's scale)"
+    )
     known_threshold: float | None = Field(None, description="the open-set threshold of /classify's 'known'")
     metrics: dict[str, Any]
     limits: dict[str, float]

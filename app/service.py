@@ -216,6 +216,13 @@ class InferenceService:
         return self.require_model().manifest.verification_threshold
 
     @property
+    def identify_threshold(self) -> float | None:
+        """/identify's: the weights' own where calibrated (higher: a clip meets every voiceprint),
+        else the verification threshold."""
+        m = self.require_model().manifest
+        return m.identify_threshold if m.identify_threshold is not None else m.verification_threshold
+
+    @property
     def known_threshold(self) -> float | None:
         return self.require_model().manifest.known_threshold
 
@@ -276,6 +283,7 @@ class InferenceService:
             "features": m.features.to_dict(),
             "verification_threshold": m.verification_threshold,
             "verification_score": self.score_kind,
+            "identify_threshold": self.identify_threshold,
             "known_threshold": m.known_threshold,
             "metrics": m.metrics,
             "execution": {

@@ -70,6 +70,10 @@ class Manifest:
     # ``verification_norm["top"]`` nearest background voices of each side (``model.runtime.as_norm``),
     # and ``verification_threshold`` is on that scale rather than a cosine.
     verification_norm: dict[str, Any] | None = None
+    # Optional, on the verification score's scale: /identify answers a speaker only at or above it
+    # (at least the verification threshold), set so that few clips of voices never enrolled are
+    # given a name; without it /identify uses ``verification_threshold``.
+    identify_threshold: float | None = None
     # Optional int8 model made from these weights by ``python -m model.training.quantize``: an
     # OpenVINO IR (``model``: .xml, ``weights``: .bin, beside the manifest) named with their
     # sha256s, the sha256 of the tensors it was made from, and what the quantisation measured.
@@ -102,6 +106,7 @@ class Manifest:
             "class_centroids": self.class_centroids,
             **({"known_cohort": self.known_cohort} if self.known_cohort is not None else {}),
             **({"verification_norm": self.verification_norm} if self.verification_norm is not None else {}),
+            **({"identify_threshold": self.identify_threshold} if self.identify_threshold is not None else {}),
             "provenance": self.provenance,
             "metrics": self.metrics,
             **({"int8": self.int8} if self.int8 is not None else {}),
@@ -147,6 +152,9 @@ class Manifest:
             _check_norm(norm, cohort)
         # a cosine, or with adaptive s-norm a normalised score (a few standard deviations)
         threshold = _cosine_or_none(data, "verification_threshold", 1 if norm is None else AS_NORM_BOUND)
+        identify = _cosine_or_none(data, "identify_threshold", 1 if norm is None else AS_NORM_BOUND)
+        if identify is not None and (threshold is None or identify < threshold):
+            raise ValueError("identify_threshold needs a verification_threshold at or below it")
         # a cosine, or with a cohort a difference of two cosines
         known_threshold = _cosine_or_none(data, "known_threshold", 1 if cohort is None else 2)
         centroids = data.get("class_centroids")
@@ -180,6 +188,7 @@ class Manifest:
             known_threshold=known_threshold,
             known_cohort=None if cohort is None else dict(cohort),
             verification_norm=None if norm is None else dict(norm),
+            identify_threshold=identify,
             int8=None if int8 is None else dict(int8),
         )
 
@@ -374,6 +383,7 @@ def save(
     cohort: Tensor | None = None,
     cohort_top: int | None = None,
     verification_norm: dict[str, Any] | None = None,
+    identify_threshold: float | None = None,
 ) -> Manifest:
     """Write ``network`` as a weights directory; returns the manifest written."""
     out = Path(out_dir)
@@ -398,6 +408,7 @@ def save(
         known_cohort=None if cohort is None else {"top": cohort_top},
         cohort=cohort,
         verification_norm=verification_norm,
+        identify_threshold=identify_threshold,
     )
     write_manifest(out, manifest)
     return manifest

@@ -431,9 +431,11 @@ def test_train_cli_writes_loadable_weights_report_and_resumes(tiny_corpus, tmp_p
     provenance.main([str(tmp_path / "weights")])  # what `make reproduce` prints at the end
     printed = capsys.readouterr().out
     assert f"({pipeline['total']:.0f} s)" in printed and made["host"]["cpu_capability"] in printed
-    assert {"val_accuracy", "val_eer", "open_val_eer", "test_accuracy", "test_eer", "open_set_test"} <= set(
+    assert {"val_accuracy", "val_eer", "open_val_eer", "test_accuracy", "test_eer", "open_set_val"} <= set(
         loaded.manifest.metrics
     )
+    # candidates are chosen on the validation voices: a run never measures the open-set test voices
+    assert "open_set_test" not in loaded.manifest.metrics and loaded.manifest.metrics["open_set_val"]["voices"] == 2
     verification = loaded.manifest.metrics["calibration"]["verification"]
     assert "open-set validation voices" in verification["source"] and verification["target_far"] == 0.01
     assert verification["far"] <= 0.01 and 0 <= verification["frr"] <= 1 and 0 <= verification["eer"] <= 1
@@ -468,6 +470,14 @@ def test_train_cli_writes_loadable_weights_report_and_resumes(tiny_corpus, tmp_p
     # small corpus, 300 in a large one), the threshold on that scale, the cosine's EER beside it
     assert loaded.manifest.verification_norm == {"method": "as-norm", "top": min(300, len(background))}
     assert "adaptive s-norm" in verification["source"] and 0 <= verification["eer_cosine"] <= 1
+    # /identify's threshold: /identify's protocol on the validation voices, never below /verify's
+    identify = loaded.manifest.metrics["calibration"]["identify"]
+    assert loaded.manifest.identify_threshold is not None and identify["target_far"] == 0.05
+    assert loaded.manifest.identify_threshold >= loaded.manifest.verification_threshold
+    (group,) = identify["groups"]
+    assert group["enrolled_voices"] == 1 and group["never_enrolled_voices"] == 1
+    answered = group["never_enrolled_answered_none"]
+    assert answered >= 0.95 or loaded.manifest.identify_threshold == loaded.manifest.verification_threshold
     # save -> reload gives identical outputs
     x = torch.randn(2, 1, features.n_mels, 120)
     again = model.load(tmp_path / "weights")
@@ -490,6 +500,7 @@ def test_train_cli_writes_loadable_weights_report_and_resumes(tiny_corpus, tmp_p
     assert recalibrated.class_centroids == loaded.manifest.class_centroids
     assert recalibrated.known_cohort is not None and recalibrated.known_cohort["top"] == cohort["top"]
     assert recalibrated.verification_norm == loaded.manifest.verification_norm
+    assert recalibrated.identify_threshold == loaded.manifest.identify_threshold
     assert recalibrated.cohort is not None and loaded.manifest.cohort is not None
     assert torch.allclose(recalibrated.cohort.float(), loaded.manifest.cohort.float(), atol=2e-3)
     # allowed to take half of the other voices' clips for a class, the threshold comes down

@@ -382,7 +382,9 @@ async def identify(
     top_k: Annotated[int, Query(ge=1, le=100, description="how many best matches to list")] = 5,
 ) -> Any:
     service.require_model()
-    threshold = require_threshold(service)
+    require_threshold(service)
+    threshold = service.identify_threshold
+    assert threshold is not None  # at least the verification threshold, which require_threshold checked
     clip = await single(request, service, settings.max_files, multipart_only=True)
     namespace, sha = namespace_of(request, settings), service.model_ref()["sha256"]
     started = time.perf_counter()

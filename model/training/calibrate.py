@@ -46,9 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.runtime import EmbeddingModel, cohort_statistics, load, open_set_scores
+from model.runtime import EmbeddingModel, as_norm, cohort_statistics, load, open_set_scores
 from model.training.data import UNLABELLED, Dataset, Item, load_waves, scan
-from model.training.evaluate import embed_split, evaluate_identification, evaluate_open_set
+from model.training.evaluate import embed_split, evaluate_identification, evaluate_open_set, identification_trials
 from model.training.metrics import all_pairs, open_set_report, verification_figures
 from model.weights import WeightsError, write_manifest
 
@@ -65,6 +65,9 @@ NORM_TOP = 300
 # the goal there), which the equal error rate did not: it flagged 4.4 % of the classes' test clips
 # with the speed-perturbed fine-tune (docs/training.md)
 KNOWN_TARGET_FAR = 0.05
+# /identify: the share of the never-enrolled validation voices' clips its threshold may name
+IDENTIFY_TARGET_FAR = 0.05
+IDENTIFY_ENROL_CLIPS = 3
 
 
 @torch.inference_mode()
@@ -181,6 +184,7 @@ class Calibration:
     cohort: Tensor | None = None  # background voices of the known-voice score (unit rows)
     cohort_top: int = 0
     norm_top: int = 0  # background voices per side in the verification score's adaptive s-norm (0: cosine)
+    identify_threshold: float | None = None  # /identify's (identify_threshold below)
 
     @property
     def verification_norm(self) -> dict[str, Any] | None:
@@ -214,6 +218,7 @@ def calibrate(
     norm_top: int = NORM_TOP,
     known_far: float = KNOWN_TARGET_FAR,
     embed: Embedder | None = None,
+    identify_far: float = IDENTIFY_TARGET_FAR,
 ) -> Calibration:
     """Calibrate; ``cohort_waves`` (of ``cohort_voices``, training voices outside the classes)
     give the known-voice score its background voices, unless empty or ``cohort_top`` is 0, and
@@ -235,8 +240,9 @@ def calibrate(
     norm_top = min(norm_top, len(cohort)) if cohort is not None and norm_top >= 2 else 0
     statistics = norm_statistics(open_val_emb, cohort, norm_top)
     open_val = open_set_report(
-        open_val_emb, [it.voice for it in open_val_items], target_far=target_far, statistics=statistics
-    )
+        open_val_emb, [it.voice for it in open_val_items], target_far=target_far, statistics=statistics,
+        segments=[it.segment for it in open_val_items],
+    )  # fmt: skip
     counted = {"voices": open_val["voices"], "clips": open_val["clips"]}
     source = "open-set validation voices (never trained on)"
     if statistics is not None:
@@ -272,9 +278,57 @@ def calibrate(
         target_far=known_far, far=figures["far"], frr=figures["frr_at_far_threshold"], eer=figures["eer"]
     )
     top = cohort_top if cohort is not None else 0
-    return Calibration(
-        open_val["far_threshold"], centroids, threshold, info, val_logits, val_emb, cohort, top, norm_top
+    identify = identify_threshold(
+        open_val_emb, open_val_items, open_val["far_threshold"], cohort, norm_top, identify_far, info
     )
+    return Calibration(
+        open_val["far_threshold"], centroids, threshold, info, val_logits, val_emb, cohort, top, norm_top, identify
+    )
+
+
+def identify_threshold(
+    emb: Tensor,
+    items: list[Item],
+    verification_threshold: float,
+    cohort: Tensor | None,
+    norm_top: int,
+    far: float,
+    info: dict[str, Any],
+) -> float | None:
+    """/identify's threshold: /identify's protocol on the open-set validation voices (synthetic and
+    real apart: every other voice enrolled from 3 clips, ``model.training.evaluate``), and the lowest
+    score at or above the verification threshold that names a speaker for at most ``far`` of the
+    never-enrolled voices' clips (a clip is matched against every voiceprint, so its best score
+    is higher than one pair's). None where no voice has the clips to enrol; ``info["identify"]``
+    says what it measured."""
+
+    def score(a: Tensor, b: Tensor) -> Tensor:
+        cosines = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+        sa, sb = norm_statistics(a, cohort, norm_top), norm_statistics(b, cohort, norm_top)
+        return cosines if sa is None or sb is None else as_norm(cosines, sa[:, None], sb[None, :])
+
+    groups = [[i for i, it in enumerate(items) if it.real == real] for real in (False, True)]
+    trials = []
+    for group in groups:
+        try:
+            trials.append(identification_trials(score, emb, items, group, IDENTIFY_ENROL_CLIPS))
+        except ValueError:  # no voice with the clips to enrol in this group
+            continue
+    best = torch.cat([t.stranger_best for t in trials]) if trials else torch.zeros(0)
+    if not len(best):
+        return None
+    ranked = best.sort(descending=True).values
+    k = int(far * len(ranked))  # the k best-scoring strangers may be named
+    threshold = max(verification_threshold, float(torch.nextafter(ranked[k], torch.tensor(float("inf")))))
+    reports = [t.report(threshold) for t in trials]
+    info["identify"] = {
+        "source": f"open-set validation voices, every other one enrolled from {IDENTIFY_ENROL_CLIPS} clips, naming at "
+        f"most {far:.0%} of the never-enrolled voices' clips, and never below the verification threshold",
+        "target_far": far,
+        "threshold": threshold,
+        "groups": reports,
+    }
+    return threshold
 
 
 def verification_info(
@@ -345,6 +399,7 @@ def apply_calibration(model: EmbeddingModel, cal: Calibration, data_dir: Path) -
     m.cohort = cal.cohort
     m.known_cohort = None if cal.cohort is None else {"top": cal.cohort_top}
     m.verification_norm = cal.verification_norm
+    m.identify_threshold = None if cal.identify_threshold is None else round(cal.identify_threshold, 4)
     m.metrics["calibration"] = {**cal.info, "data": str(data_dir)}
 
 

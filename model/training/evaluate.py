@@ -25,6 +25,8 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +34,11 @@ import torch
 import torch.nn.functional as F
 
 from model.runtime import BACKENDS, PRECISIONS, EmbeddingModel, load
+from model.training.corpus import PROBES
 from model.training.data import Dataset, Item, load_waves, scan
-from model.training.metrics import equal_error_rate, open_set_report, summarise
+from model.training.metrics import cross_condition, equal_error_rate, open_set_report, summarise
 from model.training.provenance import command_line
+from model.training.teachers import SAMPLE_RATE, TEACHERS, Teacher, load_teacher
 from model.weights import WeightsError, read, write_manifest
 
 log = logging.getLogger(__name__)
@@ -129,22 +133,88 @@ def embed_split(
     return items, torch.stack([model.infer(w).embedding for w in waves])
 
 
+def probe_name(conditions: dict[str, Any]) -> str | None:
+    """Which of the corpus's probe conditions (``model.training.corpus.PROBES``) a held-out real
+    clip was made under; None for other conditions."""
+    return next((name for name, c in PROBES.items() if c == conditions), None)
+
+
+def real_report(emb: torch.Tensor, items: list[Item]) -> dict[str, Any]:
+    """The held-out real speakers' trials, by cosine: their clips as recorded among themselves (all
+    pairs: EER, minDCF, leave-one-out centroid accuracy), the same within each source, and the clips
+    as recorded enrolled against each probe condition (telephone, codecs, noise, reverberation:
+    ``model.metrics.cross_condition``)."""
+    voices, segments = [it.voice for it in items], [it.segment for it in items]
+    clean = [i for i, it in enumerate(items) if not it.conditions]
+
+    def figures(idx: list[int]) -> dict[str, Any]:
+        r = open_set_report(emb[idx], [voices[i] for i in idx], segments=[segments[i] for i in idx])
+        keep = ("clips", "voices", "min_clips_per_voice", "eer", "min_dcf", "centroid_accuracy")
+        return {k: r[k] for k in keep}
+
+    if len({voices[i] for i in clean}) < 2:
+        raise ValueError("the real speakers' report needs two speakers with clips as recorded")
+    report: dict[str, Any] = {"score": "cosine", "clean": figures(clean), "by_source": {}, "probes": {}}
+    for source in sorted({items[i].source for i in clean}):
+        idx = [i for i in clean if items[i].source == source]
+        if len({voices[i] for i in idx}) >= 2:
+            report["by_source"][source] = figures(idx)
+    for name in PROBES:
+        probe = [i for i, it in enumerate(items) if it.conditions and probe_name(it.conditions) == name]
+        if probe:
+            report["probes"][name] = cross_condition(emb, voices, segments, clean, probe)
+    return report
+
+
+def open_set_figures(
+    items: list[Item],
+    emb: torch.Tensor,
+    norm_statistics: Callable[[torch.Tensor], torch.Tensor | None],
+    known: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """The open-set figures of held-out clips: the synthetic voices' at the top level (by the
+    weights' score: ``norm_statistics`` gives adaptive s-norm's statistics, or None for the cosine),
+    the real speakers' under ``real`` (:func:`real_report`); with ``known`` (a bool per embedding:
+    /classify's ``known``), the share of each flagged as none of the classes."""
+    synthetic = [i for i, it in enumerate(items) if not it.real]
+    real = [i for i, it in enumerate(items) if it.real]
+    report: dict[str, Any] = {}
+    if synthetic:
+        synth_items, synth_emb = [items[i] for i in synthetic], emb[synthetic]
+        report = open_set_report(
+            synth_emb, [it.voice for it in synth_items], [it.conditions for it in synth_items],
+            statistics=norm_statistics(synth_emb),
+        )  # fmt: skip
+    if len({items[i].voice for i in real if not items[i].conditions}) < 2:
+        real = []  # no trials without two speakers
+    if real:
+        report["real"] = real_report(emb[real], [items[i] for i in real])
+    if known is not None:
+        flagged = ~known(emb)
+        if synthetic:
+            report["flagged_unknown"] = float(flagged[synthetic].float().mean())
+        if real:
+            report["real"]["flagged_unknown"] = float(flagged[real].float().mean())
+    return report
+
+
 @torch.inference_mode()
 def evaluate_open_set(
     model: EmbeddingModel,
     data_dir: Path,
     split: str = "open-test",
     embedded: tuple[list[Item], torch.Tensor] | None = None,
+    teachers: list[Teacher] | None = None,
 ) -> dict[str, Any]:
-    """The open-set report of a split (``embedded``: its :func:`embed_split`, when already made)."""
+    """The open-set report of a split (:func:`open_set_figures`; ``embedded``: its
+    :func:`embed_split`, when already made), the share of the classes' own clips flagged as none
+    of them, and with ``teachers``, theirs on the same trials under ``teachers``."""
     dataset = scan(data_dir)  # once, for the split and the known classes' clips
     items, emb = embedded or embed_split(model, data_dir, split, dataset)
-    report = open_set_report(
-        emb, [it.voice for it in items], [it.conditions for it in items], statistics=model.norm_statistics(emb)
-    )
+    has_known = model.nearest_class(emb[0]) is not None
+    report = open_set_figures(items, emb, model.norm_statistics, _known_many(model) if has_known else None)
     report["split"] = split
-    if model.nearest_class(emb[0]) is not None:
-        report["flagged_unknown"] = sum(not _known(model, e) for e in emb) / len(emb)
+    if has_known:
         known_split = {"open-test": "test", "open-val": "val"}[split]
         known_items = dataset.split(known_split)
         if known_items:
@@ -155,6 +225,20 @@ def evaluate_open_set(
                 "clips": len(flagged),
                 "share": sum(flagged) / len(flagged),
             }
+    if teachers:
+        synthetic = [i for i, it in enumerate(items) if not it.real]
+        real = [i for i, it in enumerate(items) if it.real]
+        waves = load_waves(items, SAMPLE_RATE, f"loading {split} for the teachers")
+        report["teachers"] = {}
+        for teacher in teachers:
+            t_emb = teacher.embed(waves)
+            theirs: dict[str, Any] = {"dim": teacher.dim, "score": "cosine"}
+            if synthetic:
+                r = open_set_report(t_emb[synthetic], [items[i].voice for i in synthetic])
+                theirs["synthetic"] = {k: r[k] for k in ("eer", "min_dcf", "centroid_accuracy")}
+            if real:
+                theirs["real"] = real_report(t_emb[real], [items[i] for i in real])
+            report["teachers"][teacher.name] = theirs
     return report
 
 
@@ -166,41 +250,109 @@ def evaluate_identification(
     enrol_clips: int = 3,
     embedded: tuple[list[Item], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Open-set identification as the service's /identify does it: every other voice of the split
-    (sorted by name) is enrolled from its first ``enrol_clips`` clips (voiceprint: the normalised
-    sum of the clips' normalised embeddings); every remaining clip is identified against all
-    voiceprints with the weights' verification threshold. Reports top-1 accuracy on the enrolled
-    voices' other clips and the share of the never-enrolled voices' clips answered with no speaker.
-    ``embedded``: the split's :func:`embed_split`, when already made."""
+    """Open-set identification as the service's /identify does it, among the synthetic voices (at
+    the top level) and among the real speakers (under ``real``) of the split: every other voice
+    (sorted by name) is enrolled from its first ``enrol_clips`` clips (a real speaker's clips as
+    recorded; voiceprint: the normalised sum of the clips' normalised embeddings); every clip of
+    its other speech is identified against all voiceprints with the weights' threshold. Reports
+    top-1 accuracy on the enrolled voices' other clips and the share of the never-enrolled voices'
+    clips answered with no speaker. Only voices with more than ``enrol_clips`` clips of speech are
+    enrolled; every voice not enrolled is a stranger. ``embedded``: the split's
+    :func:`embed_split`, when made."""
     if model.manifest.verification_threshold is None:
         raise ValueError("these weights have no verification threshold")
     items, emb = embedded or embed_split(model, data_dir, split)
     emb = F.normalize(emb, dim=-1)
-    names = sorted({it.voice for it in items})
-    enrolled = names[::2]
-    prints, probes = [], []
-    for v in enrolled:
-        mine = [k for k, it in enumerate(items) if it.voice == v]
-        prints.append(F.normalize(emb[mine[:enrol_clips]].sum(0), dim=0))
-        probes += [(k, enrolled.index(v)) for k in mine[enrol_clips:]]
-    matrix, threshold = torch.stack(prints), model.manifest.verification_threshold
-    scores = model.verification_scores(emb, matrix)[0]  # (clips, voiceprints), on the threshold's scale
-    hits = [int(scores[k].argmax()) == want for k, want in probes]
-    accepted = [bool(scores[k].max() >= threshold) for k, want in probes]
-    strangers = [k for k, it in enumerate(items) if it.voice not in enrolled]
-    rejected = [bool(scores[k].max() < threshold) for k in strangers]
-    return {
-        "split": split,
-        "enrolled_voices": len(enrolled),
-        "enrol_clips": enrol_clips,
-        "probe_clips": len(probes),
-        "top1_accuracy": sum(hits) / len(hits),
-        "identified": sum(h and a for h, a in zip(hits, accepted, strict=True)) / len(hits),
-        "never_enrolled_voices": len(names) - len(enrolled),
-        "never_enrolled_clips": len(strangers),
-        "never_enrolled_answered_none": sum(rejected) / len(rejected),
-        "threshold": threshold,
-    }
+    synthetic = [i for i, it in enumerate(items) if not it.real]
+    real = [i for i, it in enumerate(items) if it.real]
+    report = _identify(model, emb, items, synthetic, enrol_clips) if synthetic else {}
+    report["split"] = split
+    if real:
+        report["real"] = _identify(model, emb, items, real, enrol_clips)
+    return report
+
+
+def _identify(
+    model: EmbeddingModel, emb: torch.Tensor, items: list[Item], group: list[int], enrol_clips: int
+) -> dict[str, Any]:
+    threshold = model.manifest.identify_threshold or model.manifest.verification_threshold
+    assert threshold is not None
+    trial = identification_trials(lambda a, b: model.verification_scores(a, b)[0], emb, items, group, enrol_clips)
+    return {**trial.report(threshold), "threshold": threshold}
+
+
+@dataclass
+class IdentificationTrials:
+    """/identify's protocol on held-out voices: each probe's scores against every voiceprint and
+    which is its own, and each never-enrolled clip's best score."""
+
+    enrolled: int
+    strangers: int
+    enrol_clips: int
+    probe_scores: torch.Tensor  # (probes, voiceprints)
+    probe_voice: torch.Tensor  # (probes,)
+    stranger_best: torch.Tensor  # (never-enrolled clips,)
+
+    def report(self, threshold: float) -> dict[str, Any]:
+        hits = (
+            self.probe_scores.argmax(-1) == self.probe_voice
+            if len(self.probe_voice)
+            else torch.zeros(0, dtype=torch.bool)
+        )
+        accepted = self.probe_scores.max(-1).values >= threshold if len(self.probe_voice) else hits
+        rejected = self.stranger_best < threshold
+        share = lambda x: float(x.float().mean()) if len(x) else None  # noqa: E731
+        return {
+            "enrolled_voices": self.enrolled,
+            "enrol_clips": self.enrol_clips,
+            "probe_clips": len(self.probe_voice),
+            "top1_accuracy": share(hits),
+            "identified": share(hits & accepted),
+            "never_enrolled_voices": self.strangers,
+            "never_enrolled_clips": len(self.stranger_best),
+            "never_enrolled_answered_none": share(rejected),
+        }
+
+
+def identification_trials(
+    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    emb: torch.Tensor,
+    items: list[Item],
+    group: list[int],
+    enrol_clips: int,
+) -> IdentificationTrials:
+    """Every other voice of ``group`` (sorted by name, among those with more than ``enrol_clips``
+    clips of speech) enrolled from its first ``enrol_clips`` clips (a real speaker's clips as
+    recorded; voiceprint: the normalised sum of the clips' normalised embeddings); its clips of
+    other speech are probes, every clip of a voice not enrolled is a stranger. ``score(a, b)``: the
+    verification scores (N, M) of rows of ``a`` against rows of ``b``."""
+    emb = F.normalize(emb.float(), dim=-1)
+    names = sorted({items[k].voice for k in group})
+    speech = {v: len({items[k].segment or k for k in group if items[k].voice == v}) for v in names}
+    enrolled = [v for v in names if speech[v] > enrol_clips][::2]
+    prints, probes, voice_of = [], [], []
+    for j, v in enumerate(enrolled):
+        mine = [k for k in group if items[k].voice == v]
+        enrol = [k for k in mine if not (items[k].real and items[k].conditions)][:enrol_clips]
+        taken = {items[k].segment for k in enrol if items[k].segment}
+        prints.append(F.normalize(emb[enrol].sum(0), dim=0))
+        for k in mine:
+            if k not in enrol and items[k].segment not in taken:
+                probes.append(k)
+                voice_of.append(j)
+    strangers = [k for k in group if items[k].voice not in enrolled]
+    if not prints:
+        raise ValueError(f"no voice has more than {enrol_clips} clips of speech to enrol")
+    scores = score(emb, torch.stack(prints))  # (clips, voiceprints)
+    best = scores[strangers].max(-1).values if strangers else torch.zeros(0)
+    probe_voice = torch.tensor(voice_of, dtype=torch.long)
+    return IdentificationTrials(
+        len(enrolled), len(names) - len(enrolled), enrol_clips, scores[probes], probe_voice, best
+    )
+
+
+def _known_many(model: EmbeddingModel) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda emb: torch.tensor([_known(model, e) for e in emb], dtype=torch.bool)
 
 
 def _known(model: EmbeddingModel, embedding: torch.Tensor) -> bool:
@@ -238,23 +390,60 @@ def _scale(r: dict[str, Any]) -> str:
 
 
 def format_open_set(r: dict[str, Any]) -> str:
-    lines = [
-        f"open-set split   {r['split']}: {r['clips']} clips of {r['voices']} voices never trained on "
-        f"(at least {r['min_clips_per_voice']} per voice)",
-        f"EER              {r['eer']:.4f} ({_scale(r)} threshold {r['eer_threshold']:.4f}), all pairs"
-        + (f"; by the plain cosine {r['eer_cosine']:.4f}" if "eer_cosine" in r else ""),
-        f"minDCF           {r['min_dcf']:.4f} (p_target {r['p_target']})",
-        f"centroid acc.    {r['centroid_accuracy']:.4f} (leave-one-out nearest voice centroid)",
-    ]
+    lines = []
+    if "eer" in r:
+        lines += [
+            f"open-set split   {r['split']}: {r['clips']} clips of {r['voices']} synthetic voices never trained on "
+            f"(at least {r['min_clips_per_voice']} per voice)",
+            f"EER              {r['eer']:.4f} ({_scale(r)} threshold {r['eer_threshold']:.4f}), all pairs"
+            + (f"; by the plain cosine {r['eer_cosine']:.4f}" if "eer_cosine" in r else ""),
+            f"minDCF           {r['min_dcf']:.4f} (p_target {r['p_target']})",
+            f"centroid acc.    {r['centroid_accuracy']:.4f} (leave-one-out nearest voice centroid)",
+        ]
     if "flagged_unknown" in r:
         lines.append(f"flagged unknown  {r['flagged_unknown']:.4f} of these clips (none of the classes)")
     if "classes_flagged_unknown" in r:
         k = r["classes_flagged_unknown"]
         lines.append(f"                 {k['share']:.4f} of the classes' own {k['split']} clips ({k['clips']})")
-    lines += ["", "per recording condition (EER: pairs with a clip in it; accuracy: its clips)"]
-    for tag, row in r["per_condition"].items():
-        eer = "n/a" if row["eer"] is None else f"{row['eer']:.4f}"
-        lines.append(f"  {tag:<16} clips {row['clips']:>4}  EER {eer:>6}  centroid acc. {row['centroid_accuracy']:.4f}")
+    if "per_condition" in r:
+        lines += ["", "per recording condition (EER: pairs with a clip in it; accuracy: its clips)"]
+        for tag, row in r["per_condition"].items():
+            eer = "n/a" if row["eer"] is None else f"{row['eer']:.4f}"
+            lines.append(
+                f"  {tag:<16} clips {row['clips']:>4}  EER {eer:>6}  centroid acc. {row['centroid_accuracy']:.4f}"
+            )
+    models = {"ours": r.get("real")} | {name: t.get("real") for name, t in r.get("teachers", {}).items()}
+    models = {name: real for name, real in models.items() if real}
+    if models:
+        c = r["real"]["clean"]
+        lines += [
+            "",
+            f"real speakers ({c['voices']} never trained on, {c['clips']} clips as recorded), by cosine: "
+            "EER / centroid accuracy",
+            "  " + " " * 26 + "".join(f"{name:>22}" for name in models),
+        ]
+
+        def row(label: str, pick: Any) -> str:
+            cells = []
+            for real in models.values():
+                got = pick(real)
+                cells.append("n/a" if got is None else f"{100 * got['eer']:.2f} % / {got['centroid_accuracy']:.3f}")
+            return f"  {label:<26}" + "".join(f"{c:>22}" for c in cells)
+
+        lines.append(row("as recorded, all pairs", lambda real: real["clean"]))
+        for source in r["real"]["by_source"]:
+            lines.append(row(f"  {source}", lambda real, s=source: real["by_source"].get(s)))
+        for probe in r["real"]["probes"]:
+            lines.append(row(f"enrol as recorded, {probe}", lambda real, p=probe: real["probes"].get(p)))
+        if "flagged_unknown" in r["real"]:
+            lines.append(f"  flagged unknown: {r['real']['flagged_unknown']:.4f} of the real speakers' clips")
+    for name, t in r.get("teachers", {}).items():
+        if "synthetic" in t:
+            syn = t["synthetic"]
+            lines.append(
+                f"{name}: synthetic voices EER {100 * syn['eer']:.2f} % (cosine), "
+                f"centroid accuracy {syn['centroid_accuracy']:.3f}"
+            )
     return "\n".join(lines)
 
 
@@ -288,6 +477,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--identify", action="store_true", help="with --open-set: enrol 3 clips of every other voice, identify the rest"
     )
+    parser.add_argument(
+        "--teachers",
+        nargs="*",
+        choices=TEACHERS,
+        help="with --open-set: the teachers on the same trials (make teachers)",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--backend", default="torch", choices=list(BACKENDS))
     parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
@@ -317,12 +512,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.open_set and args.identify:
             summary = evaluate_identification(model, args.data_dir, split)
         elif args.open_set:
-            summary = evaluate_open_set(model, args.data_dir, split)
+            teachers = [load_teacher(name) for name in args.teachers or []]
+            summary = evaluate_open_set(model, args.data_dir, split, teachers=teachers)
         else:
             summary = evaluate(model, args.data_dir, args.split)
         if args.record:
             record(args.weights_dir, args.record, summary, command_line("model.training.evaluate", argv))
-    except (WeightsError, ValueError) as exc:
+    except (WeightsError, ValueError, FileNotFoundError) as exc:
         log.error("error: %s", exc)
         return 2
     if args.json or args.parity or args.identify:

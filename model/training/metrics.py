@@ -12,15 +12,24 @@ from model.runtime import as_norm
 
 
 def all_pairs(
-    embeddings: Tensor, labels: Tensor, mask: Tensor | None = None, statistics: Tensor | None = None
+    embeddings: Tensor,
+    labels: Tensor,
+    mask: Tensor | None = None,
+    statistics: Tensor | None = None,
+    segments: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Cosine scores of every pair of clips and whether the pair is one voice. With ``mask`` (a
     bool per clip), only the pairs with at least one clip in the mask. With ``statistics`` (each
-    clip's ``model.runtime.cohort_statistics``), adaptive s-norm scores instead of cosines."""
+    clip's ``model.runtime.cohort_statistics``), adaptive s-norm scores instead of cosines. With
+    ``segments`` (an id per clip, -1 for none), no pair of two clips of the same speech (one
+    recording under two conditions is not a trial)."""
     emb = F.normalize(embeddings.float(), dim=-1)  # (N, E)
     i, j = torch.triu_indices(len(labels), len(labels), offset=1)
     if mask is not None:
         keep = mask[i] | mask[j]
+        i, j = i[keep], j[keep]
+    if segments is not None:
+        keep = (segments[i] != segments[j]) | (segments[i] < 0)
         i, j = i[keep], j[keep]
     scores = (emb[i] * emb[j]).sum(-1)
     if statistics is not None:
@@ -91,9 +100,18 @@ def equal_error_rate(embeddings: Tensor, labels: Tensor) -> tuple[float, float]:
         raise ValueError("EER needs both same-voice and different-voice pairs") from None
 
 
-def leave_one_out_centroid(embeddings: Tensor, labels: Tensor) -> Tensor:
-    """For each clip, the voice whose centroid (mean normalised embedding of its other clips) is
-    nearest by cosine; returns a bool per clip: was it its own voice."""
+def segment_ids(segments: list[str] | None) -> Tensor | None:
+    """An integer per clip for :func:`all_pairs`: equal for clips of one segment, -1 for none."""
+    if segments is None or not any(segments):
+        return None
+    index: dict[str, int] = {}
+    return torch.tensor([index.setdefault(s, len(index)) if s else -1 for s in segments])
+
+
+def leave_one_out_centroid(embeddings: Tensor, labels: Tensor, segments: Tensor | None = None) -> Tensor:
+    """For each clip, the voice whose centroid (mean normalised embedding of its other clips, less
+    those of its own ``segments``, if given) is nearest by cosine; returns a bool per clip: was it
+    its own voice."""
     emb = F.normalize(embeddings.float(), dim=-1)
     voices = labels.unique()
     onehot = (labels[:, None] == voices[None, :]).float()  # (N, V)
@@ -102,13 +120,48 @@ def leave_one_out_centroid(embeddings: Tensor, labels: Tensor) -> Tensor:
     hits = torch.zeros(len(labels), dtype=torch.bool)
     for n in range(len(labels)):
         s, c = sums.clone(), counts.clone()
-        s[own[n]] -= emb[n]
-        c[own[n]] -= 1
+        left_out = (segments == segments[n]) if segments is not None and segments[n] >= 0 else None
+        if left_out is None:
+            s[own[n]] -= emb[n]
+            c[own[n]] -= 1
+        else:
+            s[own[n]] -= emb[left_out].sum(0)
+            c[own[n]] -= left_out.sum()
         valid = c > 0
         centroids = F.normalize(s / c.clamp_min(1)[:, None], dim=-1)
         scores = (centroids @ emb[n]).masked_fill(~valid, -2.0)
         hits[n] = int(scores.argmax()) == int(own[n])
     return hits
+
+
+def cross_condition(
+    embeddings: Tensor, voices: list[str], segments: list[str], enrol: list[int], probe: list[int]
+) -> dict[str, Any]:
+    """Enrolment clips against probe clips (of the same voices, under another condition) by
+    cosine: the EER over every enrolment-probe pair of two different segments, and how often a
+    probe's nearest voice centroid (of the enrolment clips of other segments) is its own."""
+    emb = F.normalize(embeddings.float(), dim=-1)
+    names = sorted({voices[i] for i in enrol})
+    vi = torch.tensor([names.index(voices[i]) if voices[i] in names else -1 for i in range(len(voices))])
+    seg = segment_ids(segments)
+    assert seg is not None
+    e, p = torch.tensor(enrol), torch.tensor(probe)
+    scores = emb[p] @ emb[e].T  # (P, E)
+    same = vi[p][:, None] == vi[e][None, :]
+    other = seg[p][:, None] != seg[e][None, :]
+    eer = eer_of_scores(scores[other], same[other])[0]
+    onehot = F.one_hot(vi[e], len(names)).float()  # (E, V)
+    hits = []
+    for k in range(len(p)):
+        keep = other[k].float()[:, None] * onehot  # enrolment clips of other segments, by voice
+        centroids = F.normalize(keep.T @ emb[e], dim=-1)
+        hits.append(int((centroids @ emb[p[k]]).argmax()) == int(vi[p[k]]))
+    return {
+        "enrol_clips": len(enrol),
+        "probe_clips": len(probe),
+        "eer": eer,
+        "centroid_accuracy": sum(hits) / len(hits),
+    }
 
 
 def condition_tags(conditions: dict[str, Any]) -> list[str]:
@@ -133,17 +186,21 @@ def open_set_report(
     p_target: float = 0.01,
     target_far: float = 0.01,
     statistics: Tensor | None = None,
+    segments: list[str] | None = None,
 ) -> dict[str, Any]:
     """Verification and identification among voices: EER and minDCF over all pairs, the threshold
     that accepts ``target_far`` of the different-voice pairs and the share of same-voice pairs it
     rejects, leave-one-out nearest-centroid accuracy, and the same per recording condition (pairs
     with at least one clip in that condition; accuracy of the clips in it). With ``statistics``
     (``model.runtime.cohort_statistics`` of each clip), pairs are scored by adaptive s-norm, as
-    weights with ``verification_norm`` score them, and ``eer_cosine`` is the plain cosine's EER."""
+    weights with ``verification_norm`` score them, and ``eer_cosine`` is the plain cosine's EER.
+    ``segments``: clips that share a non-empty one are the same speech under two conditions, which
+    make no trial and are left out of each other's centroid."""
     names = sorted(set(voices))
     labels = torch.tensor([names.index(v) for v in voices])
-    scores, same = all_pairs(embeddings, labels, statistics=statistics)
-    hits = leave_one_out_centroid(embeddings, labels)
+    seg = segment_ids(segments)
+    scores, same = all_pairs(embeddings, labels, statistics=statistics, segments=seg)
+    hits = leave_one_out_centroid(embeddings, labels, seg)
     per_voice = torch.bincount(labels)
     report: dict[str, Any] = {
         "clips": len(voices),
@@ -157,12 +214,12 @@ def open_set_report(
     }
     if statistics is not None:
         report["score"] = "as-norm"
-        report["eer_cosine"] = eer_of_scores(*all_pairs(embeddings, labels))[0]
+        report["eer_cosine"] = eer_of_scores(*all_pairs(embeddings, labels, segments=seg))[0]
     if conditions is not None:
         tags = [condition_tags(c) for c in conditions]
         for tag in sorted({t for ts in tags for t in ts}):
             mask = torch.tensor([tag in ts for ts in tags])
-            s, t = all_pairs(embeddings, labels, mask, statistics)
+            s, t = all_pairs(embeddings, labels, mask, statistics, seg)
             row: dict[str, Any] = {"clips": int(mask.sum()), "centroid_accuracy": float(hits[mask].float().mean())}
             row["eer"] = eer_of_scores(s, t)[0] if t.any() and (~t).any() else None
             report["per_condition"][tag] = row

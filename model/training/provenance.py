@@ -40,10 +40,17 @@ def read_corpus_record(data_dir: Path) -> dict[str, Any] | None:
 
 
 def record_corpus_run(
-    data_dir: Path, command: str, clips: int, voices: int, made: int, wall_s: float
+    data_dir: Path,
+    command: str,
+    clips: int,
+    voices: int,
+    made: int,
+    wall_s: float,
+    real_speech: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Add this invocation to ``corpus.json`` (atomically) and return the record. Invocations that
-    made no clip (everything was on disk) add nothing to ``wall_s``; a new command starts afresh."""
+    made no clip (everything was on disk) add nothing to ``wall_s``; a new command starts afresh.
+    ``real_speech``: where the real speakers came from, their sources and licences."""
     previous = read_corpus_record(data_dir)
     runs = previous["runs"] if previous and previous.get("command") == command else []
     if made:
@@ -63,6 +70,8 @@ def record_corpus_run(
         "wall_s": round(sum(r["wall_s"] for r in runs), 1),
         "runs": runs,
     }
+    if real_speech is not None:
+        record["real_speech"] = real_speech
     replace_file(Path(data_dir) / CORPUS_RECORD, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
     return record
 
@@ -70,17 +79,24 @@ def record_corpus_run(
 def pipeline_wall_s(
     corpus: dict[str, Any] | None, train_wall_s: float, init: dict[str, Any] | None
 ) -> dict[str, Any] | None:
-    """Corpus + (the ``--init`` weights' run) + this run, where they are one pipeline: the corpus
-    record is there, and the initial weights (if any) were trained on that same corpus record from
-    scratch. None otherwise."""
+    """Corpus + (the ``--init`` weights' runs) + this run, where they are one pipeline: the corpus
+    record is there, and the initial weights (if any) were trained on that same corpus record, from
+    scratch or, in turn, from weights of the same pipeline (``init_train`` is then every earlier
+    run's time). None otherwise."""
     if corpus is None or not corpus.get("runs"):
         return None
     parts: dict[str, Any] = {"corpus": corpus["wall_s"]}
     if init is not None:
         theirs = init.get("provenance", {})
-        if theirs.get("corpus") != corpus or theirs.get("init") or "train_wall_s" not in theirs:
+        if theirs.get("corpus") != corpus or "train_wall_s" not in theirs:
             return None
-        parts["init_train"] = theirs["train_wall_s"]
+        if theirs.get("init"):
+            earlier = theirs.get("pipeline_wall_s")
+            if earlier is None:
+                return None
+            parts["init_train"] = round(earlier["total"] - earlier["corpus"], 1)
+        else:
+            parts["init_train"] = theirs["train_wall_s"]
     parts["train"] = round(train_wall_s, 1)
     return {**parts, "total": round(sum(parts.values()), 1)}
 

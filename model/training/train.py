@@ -51,9 +51,11 @@ from model.training.calibrate import (
     pick_cohort,
 )
 from model.training.centre import centre
-from model.training.data import UNLABELLED, Dataset, load_waves, random_crop, scan, speed_crop, speed_up
+from model.training.data import UNLABELLED, Dataset, Item, load_waves, random_crop, scan, speed_crop, speed_up
+from model.training.evaluate import open_set_figures
 from model.training.metrics import open_set_report, summarise
 from model.training.provenance import command_line, pipeline_wall_s, read_corpus_record
+from model.training.teachers import clip_targets, load_teacher
 from model.training.voices import WARPED
 from model.weights import Manifest, read, read_manifest, replace_file, save
 
@@ -99,6 +101,19 @@ class TrainConfig:
     # voice's crops are, with equal chances, as recorded or sped up by one of these factors, each
     # factor a pseudo-speaker of its own in the margin head; (): none
     speed_perturb: tuple[float, ...] = ()
+    # real speakers (model.training.realspeech): the share of each batch drawn from their clips,
+    # where the corpus has them; 0: the run leaves them out (training, selection and calibration)
+    real_share: float = 0.0
+    # distillation from a speaker encoder pretrained on real speakers (model.training.teachers):
+    # a training-only linear map takes the embedding to the teacher's space, where its cosine to the
+    # teacher's embedding of the whole clip (of the clip as recorded, for a real clip's other
+    # copies) is pulled towards 1, weighted by distil_weight; "": none
+    teacher: str = ""
+    distil_weight: float = 1.0
+    teacher_clips: int = 4  # synthetic clips per voice with a teacher target (0: all); every real clip has one
+    # measure the open-set test voices at the end of the run; off: candidates are chosen on the
+    # validation voices, and only the one that ships is measured on test (make evaluate-open-set)
+    open_test: bool = False
 
     def __post_init__(self) -> None:
         self.speed_perturb = tuple(self.speed_perturb)  # the CLI gives a list
@@ -182,6 +197,19 @@ class AdditiveAngularMargin(nn.Module):
         phi = torch.where(cos > math.cos(math.pi - m), phi, cos - math.sin(math.pi - m) * m)
         onehot = F.one_hot(target, cos.shape[1]).bool()
         return self.scale * torch.where(onehot, phi, cos)
+
+
+class Distillation(nn.Module):
+    """Embedding-level distillation: a linear map from the network's embedding to a teacher's
+    space, and the mean of ``1 - cosine`` to the teacher's embeddings. Training only, like the
+    margin head: saved in checkpoints, never in the weights directory."""
+
+    def __init__(self, embedding_size: int, teacher_size: int) -> None:
+        super().__init__()
+        self.map = nn.Linear(embedding_size, teacher_size)
+
+    def forward(self, embedding: Tensor, target: Tensor) -> Tensor:
+        return (1 - F.cosine_similarity(self.map(embedding), target, dim=-1)).mean()
 
 
 def check_speeds(speeds: tuple[float, ...]) -> None:
@@ -271,9 +299,12 @@ def train_step(
     classes: Tensor,
     cfg: TrainConfig,
     bf16: bool,
+    distil: Distillation | None = None,
+    targets: Tensor | None = None,
 ) -> float:
     """One optimisation step on a batch of equal-length waveforms; returns the loss. ``voices``
-    indexes the margin head's voices; ``classes`` the 9 classes, or UNLABELLED."""
+    indexes the margin head's voices; ``classes`` the 9 classes, or UNLABELLED; ``targets`` the
+    teacher's unit embeddings (a row of NaN where a clip has none) for ``distil``."""
     network.train()
     head.train()
     feats = augment(features(waves))  # (B, 1, n_mels, T)
@@ -284,6 +315,10 @@ def train_step(
     if labelled.any():
         class_loss = F.cross_entropy(logits.float()[labelled], classes[labelled], label_smoothing=cfg.label_smoothing)
         loss = loss + cfg.class_weight * class_loss
+    if distil is not None and targets is not None:
+        taught = ~targets.isnan().any(-1)
+        if taught.any():
+            loss = loss + cfg.distil_weight * distil(embedding.float()[taught], targets[taught])
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -342,6 +377,40 @@ def plot_report(report_dir: Path, history: list[dict[str, Any]], test: dict[str,
     plt.close(fig)
 
 
+def taught(targets: Tensor, speeds: list[float]) -> Tensor:
+    """The teacher's targets for a batch, less those of speed-perturbed crops: each of those is a
+    pseudo-speaker of its own, not the voice the teacher heard."""
+    out = targets.clone()
+    out[torch.tensor(speeds) != 1.0] = float("nan")
+    return out
+
+
+def selection_groups(items: list[Item]) -> dict[str, list[int]]:
+    """The open-set validation clips each epoch is judged on, by group: the synthetic voices'
+    clips, and the real speakers' clips as recorded (their other probe conditions are for
+    calibration and the report)."""
+    groups = {
+        "synthetic": [i for i, it in enumerate(items) if not it.real],
+        "real": [i for i, it in enumerate(items) if it.real and not it.conditions],
+    }
+    return {k: v for k, v in groups.items() if len({items[i].voice for i in v}) >= 2}  # an EER needs two voices
+
+
+def open_val_eers(
+    model: EmbeddingModel, items: list[Item], waves: list[Tensor], groups: dict[str, list[int]], max_s: float
+) -> dict[str, Any]:
+    """``open_val_eer``, the mean of each group's EER over all pairs of its clips (None without
+    open-set voices), and each group's as ``open_val_eer_<group>`` where there are two."""
+    eers = {}
+    for name, idx in groups.items():
+        _, emb = embed_all(model, [waves[i] for i in idx], max_s)
+        eers[name] = open_set_report(emb, [items[i].voice for i in idx])["eer"]
+    out: dict[str, Any] = {"open_val_eer": sum(eers.values()) / len(eers) if eers else None}
+    if len(eers) > 1:
+        out |= {f"open_val_eer_{name}": eer for name, eer in eers.items()}
+    return out
+
+
 def train(
     data_dir: Path,
     out_dir: Path,
@@ -358,6 +427,8 @@ def train(
     gen = torch.Generator().manual_seed(cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     dataset: Dataset = scan(data_dir)
+    if not cfg.real_share:  # real speakers join only where asked: recipes without them train as they always did
+        dataset = Dataset(dataset.root, dataset.labels, [it for it in dataset.items if not it.real])
     labels = dataset.labels
     train_items, val_items = dataset.split("train"), dataset.split("val")
     open_val_items = dataset.split("open-val")
@@ -372,11 +443,16 @@ def train(
     train_voices = torch.tensor([voice_index[it.voice] for it in train_items])
     train_classes = torch.tensor([it.label for it in train_items])
     labelled = (train_classes != UNLABELLED).nonzero().flatten()
-    others = (train_classes == UNLABELLED).nonzero().flatten()
+    is_real = torch.tensor([it.real for it in train_items], dtype=torch.bool)
+    real, others = is_real.nonzero().flatten(), ((train_classes == UNLABELLED) & ~is_real).nonzero().flatten()
     if not len(labelled):
         raise SystemExit(f"{data_dir}: no training clips of the labelled classes")
     val_labels = [it.label for it in val_items]
-    n_labelled = cfg.batch_size if not len(others) else max(1, round(cfg.batch_size * cfg.label_share))
+    n_labelled = cfg.batch_size if not len(others) + len(real) else max(1, round(cfg.batch_size * cfg.label_share))
+    n_real = round(cfg.batch_size * cfg.real_share) if len(real) else 0
+    if n_labelled + n_real > cfg.batch_size or (len(others) and n_labelled + n_real == cfg.batch_size):
+        raise SystemExit(f"--label-share {cfg.label_share} and --real-share {cfg.real_share} leave no other voices")
+    selection = selection_groups(open_val_items)
 
     pseudo = pseudo_speakers(voices, set(train_voices[labelled].tolist()), cfg.speed_perturb)
     head_rows = len(voices) + int((pseudo >= 0).sum())
@@ -390,7 +466,14 @@ def train(
     bf16 = use_bf16(cfg.bf16)
     steps_per_epoch = cfg.steps_per_epoch or math.ceil(len(train_items) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW([*network.parameters(), *head.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    distil, teacher_targets = None, None
+    if cfg.teacher:
+        teacher = load_teacher(cfg.teacher)
+        teacher_targets = clip_targets(teacher, data_dir, train_items, train_waves, cfg.teacher_clips, cfg.eval_max_s)
+        distil = Distillation(cfg.embedding_size, teacher.dim)
+        del teacher
+    trained = [*network.parameters(), *head.parameters(), *(distil.parameters() if distil is not None else [])]
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.15)
     manifest = Manifest(cfg.arch, len(labels), cfg.embedding_size, labels, feature_cfg)
     history: list[dict[str, Any]] = []
@@ -409,6 +492,8 @@ def train(
             )
         network.load_state_dict(state["network"])
         head.load_state_dict(state["head"])
+        if distil is not None:
+            distil.load_state_dict(state["distil"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])
@@ -431,8 +516,10 @@ def train(
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step")
         for step in bar:
             idx = draw(labelled, n_labelled)
+            if n_real:
+                idx = torch.cat([idx, draw(real, n_real)])
             if len(others):
-                idx = torch.cat([idx, draw(others, cfg.batch_size - n_labelled)])
+                idx = torch.cat([idx, draw(others, cfg.batch_size - n_labelled - n_real)])
             head.margin = margin_at(cfg, epoch * steps_per_epoch + step, total_steps)
             targets, speeds = train_voices[idx], [1.0] * len(idx)
             if cfg.speed_perturb:  # as recorded (0) or one of the speeds (k), with equal chances
@@ -449,7 +536,7 @@ def train(
             gains = 10 ** (torch.empty(len(idx), 1).uniform_(-0.5, 0.3, generator=gen))  # +-dB, beyond the corpus
             loss = train_step(
                 network, head, features, augment, optimizer, waves * gains, targets, train_classes[idx],
-                cfg, bf16,
+                cfg, bf16, distil, None if teacher_targets is None else taught(teacher_targets[idx], speeds),
             )  # fmt: skip
             scheduler.step()
             losses.append(loss)
@@ -463,10 +550,7 @@ def train(
             correct = int((logits.argmax(-1) == train_classes[sample]).sum())
         current = EmbeddingModel(network, manifest)
         val = summarise(*embed_all(current, val_waves, cfg.eval_max_s), torch.tensor(val_labels), labels)
-        open_val_eer = None
-        if open_val_items:
-            _, emb = embed_all(current, open_val_waves, cfg.eval_max_s)
-            open_val_eer = open_set_report(emb, [it.voice for it in open_val_items])["eer"]
+        open_val = open_val_eers(current, open_val_items, open_val_waves, selection, cfg.eval_max_s)
         record = {
             "epoch": epoch + 1,
             "train_loss": sum(losses) / len(losses),
@@ -474,7 +558,7 @@ def train(
             "val_accuracy": val["accuracy"],
             "val_eer": val["eer"],
             "val_eer_threshold": val["eer_threshold"],
-            "open_val_eer": open_val_eer,
+            **open_val,
             "margin": head.margin,
             "elapsed_s": round(time.time() - started, 1),
         }
@@ -487,6 +571,7 @@ def train(
             {
                 "network": network.state_dict(),
                 "head": head.state_dict(),
+                **({"distil": distil.state_dict()} if distil is not None else {}),
                 "voices": voices,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
@@ -570,21 +655,22 @@ def finish(
     }
     if centring is not None:
         metrics["centring"] = centring
+    known = None
+    if centroids is not None and known_threshold is not None:
+
+        def known(emb: Tensor) -> Tensor:
+            return known_scores(emb, centroids, cohort, cohort_top) >= known_threshold
+
+        test["flagged_unknown"] = float((~known(test_emb)).float().mean())
+        metrics["test_flagged_unknown"] = test["flagged_unknown"]
+    open_val_items = dataset.split("open-val")
+    if open_val_items:  # what candidates are chosen on: the held-out validation voices, in full
+        metrics["open_set_val"] = open_set_figures(open_val_items, embed(open_val_waves)[1], cal.norm_statistics, known)
     open_test_items = dataset.split("open-test")
-    if open_test_items:
+    if open_test_items and cfg.open_test:  # test voices measure the candidate that ships, once
         open_test_waves = load_waves(open_test_items, sr, "loading open-set test")
         _, open_test_emb = embed_all(final, open_test_waves, max_s)
-        report = open_set_report(open_test_emb, [it.voice for it in open_test_items],
-                                 [it.conditions for it in open_test_items],
-                                 statistics=cal.norm_statistics(open_test_emb))  # fmt: skip
-        if centroids is not None and known_threshold is not None:
-
-            def flagged(emb: Tensor) -> float:
-                return float((known_scores(emb, centroids, cohort, cohort_top) < known_threshold).float().mean())
-
-            report["flagged_unknown"], test["flagged_unknown"] = flagged(open_test_emb), flagged(test_emb)
-            metrics["test_flagged_unknown"] = test["flagged_unknown"]
-        metrics["open_set_test"] = report
+        metrics["open_set_test"] = open_set_figures(open_test_items, open_test_emb, cal.norm_statistics, known)
     wall = time.time() - started
     provenance = {
         "name": f"voice-embed-{cfg.arch}",
@@ -627,6 +713,7 @@ def finish(
         cohort=cohort,
         cohort_top=cohort_top or None,
         verification_norm=cal.verification_norm,
+        identify_threshold=None if cal.identify_threshold is None else round(cal.identify_threshold, 4),
     )
     summary = {"metrics": metrics, "history": history, "test": test, "provenance": provenance}
     report_dir = out_dir / "report"
