@@ -214,7 +214,15 @@ def test_training_with_real_speakers_and_a_teacher_keeps_both_out_of_the_weights
     assert {"open_val_eer_synthetic", "open_val_eer_real"} <= set(record)
     metrics = loaded.manifest.metrics
     assert "open_set_test" not in metrics and "real" in metrics["open_set_val"]
-    assert metrics["calibration"]["verification"]["voices"] == 2 + 2  # synthetic and real validation voices
+    # calibrated on validation voices of both kinds, each kind's threshold on its own, the strictest kept
+    calibration = metrics["calibration"]
+    verification = calibration["verification"]
+    assert verification["voices"] == 2 + 2 and set(verification["groups"]) == {"synthetic", "real"}
+    assert all(g["far"] <= 0.01 for g in verification["groups"].values())
+    assert set(calibration["known"]["groups"]) == {"synthetic", "real"}
+    strictest = max(g["far_threshold"] for g in calibration["known"]["groups"].values())
+    assert loaded.manifest.known_threshold == pytest.approx(strictest, abs=1e-4)
+    assert loaded.manifest.identify_threshold >= loaded.manifest.verification_threshold
     # the teacher's embeddings are kept beside the corpus, one per clip it embedded
     with safetensors.safe_open(str(real_corpus / "teacher-campplus.safetensors"), "pt") as f:
         assert len(json.loads(f.metadata()["paths"])) == f.get_tensor("embeddings").shape[0] > 0

@@ -461,11 +461,12 @@ def test_train_cli_writes_loadable_weights_report_and_resumes(tiny_corpus, tmp_p
     assert cohort is not None and cohort["voices"] == len(background) == len(loaded.manifest.cohort)
     assert cohort["top"] == min(3, len(background)) and (tmp_path / "weights" / "cohort.safetensors").is_file()
     known = loaded.manifest.metrics["calibration"]["known"]
-    assert "training voices outside the classes" in known["source"] and 0 <= known["eer_without_cohort"] <= 1
+    assert "training voices outside the classes" in known["source"]
+    assert all(0 <= eer <= 1 for eer in known["eer_without_cohort"].values())
     # its threshold takes at most 5 % of the open-set validation voices' clips for one of the classes
     _, open_val_emb = embed_split(loaded, tiny_corpus, "open-val")
     taken = [found[2] for found in map(loaded.nearest_class, open_val_emb) if found is not None]
-    assert known["target_far"] == 0.05 and sum(taken) / len(open_val_emb) <= 0.05 and known["far"] <= 0.05
+    assert known["target_far"] == 0.05 and sum(taken) / len(open_val_emb) <= 0.05
     # /verify's scores: adaptive s-norm against the same background voices (all of them in this
     # small corpus, 300 in a large one), the threshold on that scale, the cosine's EER beside it
     assert loaded.manifest.verification_norm == {"method": "as-norm", "top": min(300, len(background))}

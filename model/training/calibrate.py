@@ -27,9 +27,12 @@ any class. Corpora without such voices get the plain cosine. Without open-set vo
 corpus, the verification threshold comes from the pairs of the classes' validation split and
 there are no centroids. Training
 (``model.training.train``) calibrates its weights this way; this command recalibrates existing
-weights on another corpus and rewrites their manifest (the tensors are not touched); where the
-corpus has open-set test voices it measures the test figures that depend on the calibration again
-(``open_set_test``, ``test_flagged_unknown``, ``open_set_identification``).
+weights on another corpus and rewrites their manifest (the tensors are not touched); with
+``--open-test``, for the weights that ship, it measures the test figures that depend on the
+calibration again (``open_set_test``, ``test_flagged_unknown``, ``open_set_identification``).
+Where the validation voices are synthetic and real, each threshold is set on each group apart and
+the strictest kept; ``/identify``'s threshold (at most 5 % of the never-enrolled validation voices'
+clips given a name, ``--identify-far``) is set by /identify's own protocol on them.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from torch import Tensor
 from model.runtime import EmbeddingModel, as_norm, cohort_statistics, load, open_set_scores
 from model.training.data import UNLABELLED, Dataset, Item, load_waves, scan
 from model.training.evaluate import embed_split, evaluate_identification, evaluate_open_set, identification_trials
-from model.training.metrics import all_pairs, open_set_report, verification_figures
+from model.training.metrics import all_pairs, open_set_report, segment_ids, verification_figures
 from model.weights import WeightsError, write_manifest
 
 log = logging.getLogger(__name__)
@@ -239,51 +242,100 @@ def calibrate(
         cohort_top = min(cohort_top, len(cohort))  # a small corpus may have fewer background voices
     norm_top = min(norm_top, len(cohort)) if cohort is not None and norm_top >= 2 else 0
     statistics = norm_statistics(open_val_emb, cohort, norm_top)
-    open_val = open_set_report(
-        open_val_emb, [it.voice for it in open_val_items], target_far=target_far, statistics=statistics,
-        segments=[it.segment for it in open_val_items],
-    )  # fmt: skip
-    counted = {"voices": open_val["voices"], "clips": open_val["clips"]}
+    segments = [it.segment for it in open_val_items]
+    voices = [it.voice for it in open_val_items]
+    open_val = open_set_report(open_val_emb, voices, target_far=target_far, statistics=statistics, segments=segments)
+    groups = validation_groups(open_val_items)
+    # each group's own threshold, and the strictest kept: pooled, the pairs of real speakers (the
+    # many) would spend the false accepts the synthetic voices (the alike) need, or the other way
+    per_group = {
+        name: open_set_report(
+            open_val_emb[idx],
+            [voices[i] for i in idx],
+            target_far=target_far,
+            statistics=None if statistics is None else statistics[idx],
+            segments=[segments[i] for i in idx],
+        )
+        for name, idx in groups.items()
+    }
+    verify = max(r["far_threshold"] for r in per_group.values()) if per_group else open_val["far_threshold"]
+    counted: dict[str, Any] = {"voices": open_val["voices"], "clips": open_val["clips"]}
     source = "open-set validation voices (never trained on)"
     if statistics is not None:
         source += f", adaptive s-norm scores over each side's {norm_top} nearest background voices"
         counted["eer_cosine"] = open_val["eer_cosine"]
     info["verification"] = verification_info(open_val, source, counted, target_far)
-    centroids = class_centroids(embed, centroid_waves, centroid_classes, centroid_clips)
-    target = torch.cat([torch.ones(len(val_emb), dtype=torch.bool), torch.zeros(len(open_val_emb), dtype=torch.bool)])
+    if per_group:
 
-    def known_figures(cohort: Tensor | None, top: int) -> dict[str, float]:
-        scores = torch.cat([known_scores(e, centroids, cohort, top) for e in (val_emb, open_val_emb)])
-        return verification_figures(scores, target, known_far)
+        def rates(idx: list[int]) -> dict[str, float]:
+            """False accepts and rejects at the threshold kept, over the pairs of the clips ``idx``."""
+            sub = torch.tensor(idx)
+            labels = torch.tensor([sorted(set(voices)).index(voices[i]) for i in idx])
+            scores, same = all_pairs(
+                open_val_emb[sub], labels, statistics=None if statistics is None else statistics[sub],
+                segments=segment_ids([segments[i] for i in idx]),
+            )  # fmt: skip
+            accepted = scores >= verify
+            return {"far": float(accepted[~same].float().mean()), "frr": float((~accepted[same]).float().mean())}
+
+        info["verification"].update(rates(list(range(len(voices)))))
+        info["verification"]["source"] += "; each group (synthetic, real) on its own, the strictest threshold kept"
+        info["verification"]["groups"] = {
+            name: {"voices": r["voices"], "clips": r["clips"], "eer": r["eer"], **rates(groups[name])}
+            for name, r in per_group.items()
+        }
+    centroids = class_centroids(embed, centroid_waves, centroid_classes, centroid_clips)
+
+    def known_figures(cohort: Tensor | None, top: int) -> dict[str, Any]:
+        """Each group's figures against the classes' validation clips, and the strictest threshold."""
+        classes = known_scores(val_emb, centroids, cohort, top)
+        others = known_scores(open_val_emb, centroids, cohort, top)
+        figures: dict[str, Any] = {}
+        for name, idx in (groups or {"all": list(range(len(open_val_items)))}).items():
+            target = torch.cat([torch.ones(len(classes), dtype=torch.bool), torch.zeros(len(idx), dtype=torch.bool)])
+            figures[name] = verification_figures(torch.cat([classes, others[idx]]), target, known_far)
+        threshold = max(f["far_threshold"] for f in figures.values())
+        flagged = float((classes < threshold).float().mean())
+        return {"far_threshold": threshold, "frr": flagged, "groups": figures}
 
     rule = (
         f"at the lowest threshold that takes at most {known_far:.0%} of the open-set validation voices' clips for "
-        "one of the classes (far), with the share of the classes' validation clips it flags as none of them (frr)"
+        "one of the classes (far; synthetic and real voices each, the strictest kept), with the share of the "
+        "classes' validation clips it flags as none of them (frr)"
     )
-    figures = plain = known_figures(None, 0)
+    chosen = plain = known_figures(None, 0)
     info["known"] = {
         "source": f"cosine to the nearest class centroid, {rule}",
         "centroid_clips_per_class": centroid_clips,
     }
     if cohort is not None and cohort_voices:
-        figures = known_figures(cohort, cohort_top)
+        chosen = known_figures(cohort, cohort_top)
         info["known"].update(
             source="cosine to the nearest class centroid less the mean cosine to the "
             f"{cohort_top} nearest of {len(cohort)} training voices outside the classes, {rule}",
-            eer_without_cohort=plain["eer"],
+            eer_without_cohort={name: f["eer"] for name, f in plain["groups"].items()},
             cohort={"voices": len(cohort), "clips_per_voice": max(Counter(cohort_voices).values()), "top": cohort_top},
         )
-    threshold = figures["far_threshold"]
+    threshold = chosen["far_threshold"]
     info["known"].update(
-        target_far=known_far, far=figures["far"], frr=figures["frr_at_far_threshold"], eer=figures["eer"]
+        target_far=known_far,
+        frr=chosen["frr"],
+        groups={name: {"far_threshold": f["far_threshold"], "eer": f["eer"]} for name, f in chosen["groups"].items()},
     )
     top = cohort_top if cohort is not None else 0
-    identify = identify_threshold(
-        open_val_emb, open_val_items, open_val["far_threshold"], cohort, norm_top, identify_far, info
-    )
-    return Calibration(
-        open_val["far_threshold"], centroids, threshold, info, val_logits, val_emb, cohort, top, norm_top, identify
-    )
+    identify = identify_threshold(open_val_emb, open_val_items, verify, cohort, norm_top, identify_far, info)
+    return Calibration(verify, centroids, threshold, info, val_logits, val_emb, cohort, top, norm_top, identify)
+
+
+def validation_groups(items: list[Item]) -> dict[str, list[int]]:
+    """The open-set validation clips by group, synthetic voices and real speakers, each with the
+    two voices a threshold needs; empty where there is one group (one threshold, as ever)."""
+    groups = {
+        name: [i for i, it in enumerate(items) if it.real == real]
+        for name, real in (("synthetic", False), ("real", True))
+    }
+    groups = {k: v for k, v in groups.items() if len({items[i].voice for i in v}) >= 2}
+    return groups if len(groups) > 1 else {}
 
 
 def identify_threshold(
@@ -307,26 +359,28 @@ def identify_threshold(
         sa, sb = norm_statistics(a, cohort, norm_top), norm_statistics(b, cohort, norm_top)
         return cosines if sa is None or sb is None else as_norm(cosines, sa[:, None], sb[None, :])
 
-    groups = [[i for i, it in enumerate(items) if it.real == real] for real in (False, True)]
-    trials = []
-    for group in groups:
+    groups = validation_groups(items) or {"all": list(range(len(items)))}
+    trials = {}
+    for name, group in groups.items():
         try:
-            trials.append(identification_trials(score, emb, items, group, IDENTIFY_ENROL_CLIPS))
+            trials[name] = identification_trials(score, emb, items, group, IDENTIFY_ENROL_CLIPS)
         except ValueError:  # no voice with the clips to enrol in this group
             continue
-    best = torch.cat([t.stranger_best for t in trials]) if trials else torch.zeros(0)
-    if not len(best):
+    threshold = verification_threshold
+    for t in trials.values():
+        if len(t.stranger_best):
+            ranked = t.stranger_best.sort(descending=True).values
+            k = int(far * len(ranked))  # the k best-scoring strangers may be named
+            threshold = max(threshold, float(torch.nextafter(ranked[k], torch.tensor(float("inf")))))
+    if not trials:
         return None
-    ranked = best.sort(descending=True).values
-    k = int(far * len(ranked))  # the k best-scoring strangers may be named
-    threshold = max(verification_threshold, float(torch.nextafter(ranked[k], torch.tensor(float("inf")))))
-    reports = [t.report(threshold) for t in trials]
     info["identify"] = {
         "source": f"open-set validation voices, every other one enrolled from {IDENTIFY_ENROL_CLIPS} clips, naming at "
-        f"most {far:.0%} of the never-enrolled voices' clips, and never below the verification threshold",
+        f"most {far:.0%} of the never-enrolled voices' clips (synthetic and real voices each, the strictest kept), "
+        "and never below the verification threshold",
         "target_far": far,
         "threshold": threshold,
-        "groups": reports,
+        "groups": {name: t.report(threshold) for name, t in trials.items()},
     }
     return threshold
 
@@ -364,6 +418,7 @@ def calibrate_on_corpus(
     norm_top: int = NORM_TOP,
     known_far: float = KNOWN_TARGET_FAR,
     embed: Embedder | None = None,
+    identify_far: float = IDENTIFY_TARGET_FAR,
 ) -> Calibration:
     """:func:`calibrate` on a corpus's validation, open-set validation and (for the centroids,
     ``centroid_clips`` per class, and the background voices, ``cohort_clips`` per voice) training clips."""
@@ -387,6 +442,8 @@ def calibrate_on_corpus(
         cohort_top,
         norm_top,
         known_far,
+        embed,
+        identify_far,
     )
 
 
@@ -434,12 +491,24 @@ def main(argv: list[str] | None = None) -> int:
         default=KNOWN_TARGET_FAR,
         help="share of the open-set validation voices' clips the known-voice threshold takes for one of the classes",
     )
+    parser.add_argument(
+        "--identify-far",
+        type=float,
+        default=IDENTIFY_TARGET_FAR,
+        help="share of the never-enrolled validation voices' clips /identify's threshold may give a name",
+    )
+    parser.add_argument(
+        "--open-test",
+        action="store_true",
+        help="also measure the open-set test figures that hang on the calibration (for the weights you ship, once)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        if not 0 < args.target_far < 1 or not 0 < args.known_far < 1:
+        if not all(0 < x < 1 for x in (args.target_far, args.known_far, args.identify_far)):
             raise ValueError(
-                f"--target-far and --known-far must be between 0 and 1, not {args.target_far}, {args.known_far}"
+                "--target-far, --known-far and --identify-far must be between 0 and 1, not "
+                f"{args.target_far}, {args.known_far}, {args.identify_far}"
             )
         if args.cohort_top < 0 or args.cohort_clips < 1 or args.norm_top < 0:
             raise ValueError("--cohort-top and --norm-top must be at least 0 and --cohort-clips at least 1")
@@ -457,13 +526,14 @@ def main(argv: list[str] | None = None) -> int:
             args.cohort_top,
             args.norm_top,
             args.known_far,
+            identify_far=args.identify_far,
         )
     except (WeightsError, ValueError) as exc:
         log.error("error: %s", exc)
         return 2
     apply_calibration(model, cal, args.data_dir)
     m = model.manifest
-    if dataset.split("open-test"):
+    if args.open_test and dataset.split("open-test"):
         # the test figures that hang on the calibration, measured again under it (the others are
         # the network's and do not change); test voices measure, they never choose
         embedded = embed_split(model, args.data_dir, "open-test")  # once for both reports

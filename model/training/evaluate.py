@@ -420,7 +420,7 @@ def format_open_set(r: dict[str, Any]) -> str:
             "",
             f"real speakers ({c['voices']} never trained on, {c['clips']} clips as recorded), by cosine: "
             "EER / centroid accuracy",
-            "  " + " " * 26 + "".join(f"{name:>22}" for name in models),
+            "  " + " " * 34 + "".join(f"{name:>22}" for name in models),
         ]
 
         def row(label: str, pick: Any) -> str:
@@ -428,7 +428,7 @@ def format_open_set(r: dict[str, Any]) -> str:
             for real in models.values():
                 got = pick(real)
                 cells.append("n/a" if got is None else f"{100 * got['eer']:.2f} % / {got['centroid_accuracy']:.3f}")
-            return f"  {label:<26}" + "".join(f"{c:>22}" for c in cells)
+            return f"  {label:<34}" + "".join(f"{c:>22}" for c in cells)
 
         lines.append(row("as recorded, all pairs", lambda real: real["clean"]))
         for source in r["real"]["by_source"]:
