@@ -475,7 +475,7 @@ def test_train_cli_writes_loadable_weights_report_and_resumes(tiny_corpus, tmp_p
     identify = loaded.manifest.metrics["calibration"]["identify"]
     assert loaded.manifest.identify_threshold is not None and identify["target_far"] == 0.05
     assert loaded.manifest.identify_threshold >= loaded.manifest.verification_threshold
-    (group,) = identify["groups"]
+    (group,) = identify["groups"].values()
     assert group["enrolled_voices"] == 1 and group["never_enrolled_voices"] == 1
     answered = group["never_enrolled_answered_none"]
     assert answered >= 0.95 or loaded.manifest.identify_threshold == loaded.manifest.verification_threshold

@@ -367,19 +367,22 @@ def split_speakers(speakers: list[Speaker], eligible: set[str], val: int, test: 
 
 def _quotas(sizes: dict[str, int], count: int) -> dict[str, int]:
     """``count`` shared out in proportion to ``sizes`` (largest remainders), at least one to every
-    source with two or more."""
+    source with two or more, or, where ``count`` is smaller than the number of those sources, one
+    to each of the ``count`` largest."""
     total = sum(sizes.values())
-    quota = {k: (min(1, n - 1) if n >= 2 else 0) for k, n in sizes.items()}
+    floor = sorted((k for k, n in sizes.items() if n >= 2), key=lambda k: (-sizes[k], k))[:count]
+    quota = {k: int(k in floor) for k in sizes}
     left = count - sum(quota.values())
-    if left < 0:
-        raise ValueError(f"cannot spread {count} held-out speakers over {len(sizes)} sources")
     shares = {k: left * n / total for k, n in sizes.items()}
     for k in sizes:
         quota[k] += math.floor(shares[k])
     rest = count - sum(quota.values())
     for k in sorted(sizes, key=lambda k: shares[k] - math.floor(shares[k]), reverse=True)[:rest]:
         quota[k] += 1
-    return {k: min(q, sizes[k]) for k, q in quota.items()}
+    quota = {k: min(q, sizes[k]) for k, q in quota.items()}
+    for k in sorted(sizes, key=lambda k: (-(sizes[k] - quota[k]), k)):  # what a small source could not take
+        quota[k] += min(sizes[k] - quota[k], count - sum(quota.values()))
+    return quota
 
 
 def _alternate_sexes(ordered: list[Speaker]) -> list[Speaker]:
