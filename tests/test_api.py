@@ -233,6 +233,9 @@ def test_health_ready_model_and_openapi(client):
     shipped = json.loads((SHIPPED_WEIGHTS / "manifest.json").read_text())
     assert info["features"] == shipped["features"] and info["sha256"] == shipped["sha256"]
     assert info["verification_threshold"] == shipped["verification_threshold"] and -1 <= info["known_threshold"] <= 1
+    # /identify's threshold: the weights' own where calibrated, never below /verify's
+    assert info["identify_threshold"] == shipped.get("identify_threshold", shipped["verification_threshold"])
+    assert info["identify_threshold"] >= info["verification_threshold"]
     # the shipped weights score /verify by adaptive s-norm: a threshold in standard deviations, not a cosine
     assert info["verification_score"] == "as-norm" and shipped["verification_norm"] == {"method": "as-norm", "top": 300}
     assert "open-set validation voices" in info["metrics"]["calibration"]["verification"]["source"]
