@@ -18,7 +18,7 @@ from model.speech import SpeechDetector
 from model.training import corpus
 from model.training.data import scan
 from model.training.evaluate import evaluate_identification, evaluate_open_set
-from model.training.realspeech import ReservedSpeakerError, read_speakers
+from model.training.realspeech import HELD_OUT_MIN_CLIPS, ReservedSpeakerError, read_speakers
 from model.training.train import TrainConfig, train
 from tests.conftest import SHIPPED_WEIGHTS, encode, speech
 
@@ -153,7 +153,7 @@ def test_corpus_cuts_real_speech_into_clips_without_its_silence(real_corpus):
     for r in quiet:  # 8 s of silence around a short sentence: the clip is the sentence, not the silence
         seconds = load_audio(real_corpus / r["path"], SR).numel() / SR
         assert 0.3 * sentence <= seconds <= sentence + 0.3
-    # held out: 2 validation and 2 test speakers, with enough speech for 4 clips each
+    # held out: 2 validation and 2 test speakers, each with 2 to 4 clips of 3-6 s of speech
     dataset = scan(real_corpus)
     held = {split: {it.voice for it in dataset.split(split) if it.real} for split in ("open-val", "open-test")}
     assert len(held["open-val"]) == 2 and len(held["open-test"]) == 2 and not held["open-val"] & held["open-test"]
@@ -164,7 +164,9 @@ def test_corpus_cuts_real_speech_into_clips_without_its_silence(real_corpus):
     segments: dict[str, list] = {}
     for it in test_items:
         segments.setdefault(it.segment, []).append(it)
-    assert len(segments) == 2 * 4 and all(len(v) == len(corpus.PROBES) for v in segments.values())
+    assert all(len(v) == len(corpus.PROBES) for v in segments.values())
+    per_speaker = [sum(seg.startswith(v + "#") for seg in segments) for v in held["open-test"]]
+    assert all(HELD_OUT_MIN_CLIPS <= n <= REAL["trial_clips"] for n in per_speaker), per_speaker
     phone = next(it for it in test_items if it.conditions.get("band") == "telephone")
     audio = decode(phone.path)
     assert audio.sample_rate == 8000 and phone.path.read_bytes()[20:22] == (7).to_bytes(2, "little")  # WAVE mu-law

@@ -141,7 +141,8 @@ def test_verify_and_identify(client):
     never = client.post("/identify", files=[("file", clip(7, 6))], params={"top_k": 2}, headers=auth("a")).json()
     assert never["speaker"] is None and len(never["matches"]) == 2  # a voice nobody enrolled
     assert never["matches"][0]["score"] < never["threshold"] and never["skipped_stale"] == 0
-    assert never["threshold"] == client.get("/v1/model").json()["identify_threshold"]  # its own, not /verify's
+    info = client.get("/v1/model", headers=auth("a")).json()
+    assert never["threshold"] == info["identify_threshold"]  # its own, not /verify's
     for profile in enrolled.values():
         client.delete(f"/speakers/{profile['id']}", headers=auth("a"))
 
