@@ -24,7 +24,7 @@ from app import errors, memory
 from app.config import Settings, get_settings
 from app.metrics import Metrics
 from app.middleware import ApiKeyAuth, RequestContext, request_id_var
-from app.routes import health, inference, speakers
+from app.routes import diarize, health, inference, speakers
 from app.service import InferenceService
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(inference.router)
     app.include_router(speakers.router)
+    app.include_router(diarize.router)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 

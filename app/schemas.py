@@ -161,6 +161,35 @@ class IdentifyResponse(BaseModel):
     model: ModelRef
 
 
+class SpeakerMatch(BaseModel):
+    id: str
+    name: str
+    score: float = score_field()
+
+
+class DiarizedSpeaker(BaseModel):
+    label: str = Field(description="S1, S2, ... in order of first speech")
+    speech_seconds: float
+    match: SpeakerMatch | None = Field(
+        description="with identify=true, the enrolled profile this voice is (scored as /identify, at its "
+        "threshold; each profile names one speaker at most); null otherwise"
+    )
+
+
+class Segment(BaseModel):
+    start: float = Field(description="seconds from the start of the recording")
+    end: float
+    speaker: str
+
+
+class DiarizeResponse(BaseModel):
+    duration: float = Field(description="seconds of audio")
+    speakers: list[DiarizedSpeaker]
+    segments: list[Segment] = Field(description="speaker turns, sorted by start; none where there is no speech")
+    identify_threshold: float | None = Field(description="the threshold the matches passed, with identify=true")
+    model: ModelRef
+
+
 class BatchItem(BaseModel):
     index: int
     filename: str | None

@@ -29,6 +29,8 @@ from app.metrics import Metrics
 from app.uploads import Intake, Upload
 from app.worker import BatchingWorker
 from model.audio import AudioError, AudioTooLongError, decode_mono
+from model.diarize import DiarizeConfig, Turn, estimate_speakers, turns, windows
+from model.speech import SpeechDetector
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,16 @@ class ClipResult:
     # centroid and whether it reaches the calibrated known-voice threshold
     known_score: float | None = None
     known: bool | None = None
+
+
+@dataclass
+class Diarization:
+    duration_s: float
+    turns: list[Turn]  # sorted by start; speaker 0, 1, ... in order of first appearance
+    speakers: int
+    speech_s: list[float]  # per speaker, the seconds of its turns
+    embeddings: np.ndarray  # (speakers, E): each speaker's mean window embedding
+    windows: int
 
 
 @dataclass
@@ -68,6 +80,7 @@ class InferenceService:
         self.budget = MemoryBudget((settings.memory_budget_mb or default_budget_mb()) * MIB)
         metrics.memory_budget.labels(part="budget").set(self.budget.limit)
         self._worker: BatchingWorker[torch.Tensor, model.Inference] | None = None
+        self._speech: SpeechDetector | None = None
 
     # lifecycle ---------------------------------------------------------------------------
 
@@ -77,6 +90,7 @@ class InferenceService:
         s = self.settings
         loaded = model.load(weights_dir).configure(s.precision, s.channels_last, s.backend)
         self._warm_up(loaded)
+        self._speech = SpeechDetector()
         self.model = loaded
         trim = memory.trimmer() if s.trim_memory else None
         if trim is not None:
@@ -139,7 +153,7 @@ class InferenceService:
             self.metrics.rejected.inc()
             raise ApiError(503, "overloaded", "the server is at capacity; retry shortly", {"Retry-After": "1"})
 
-    def estimate(self, content_length: int | None, clips: int) -> int:
+    def estimate(self, content_length: int | None, clips: int, max_seconds: float | None = None) -> int:
         """Bytes a request may hold, from its body size: the fixed overhead plus, twice, the 16 kHz
         mono float32 waveform(s) it can decode to. A body byte is taken to become at most two bytes
         of waveform (16-bit PCM at the model's rate; every other uncompressed form becomes less);
@@ -147,7 +161,7 @@ class InferenceService:
         at most MAX_DURATION_S long."""
         s = self.settings
         rate = self.model.sample_rate if self.model is not None else 16000
-        cap = int(s.max_duration_s * rate) * 4 * clips
+        cap = int((max_seconds or s.max_duration_s) * rate) * 4 * clips
         body = s.max_body_bytes if content_length is None else min(content_length, s.max_body_bytes)
         return REQUEST_OVERHEAD + 2 * min(2 * body, cap)
 
@@ -168,13 +182,15 @@ class InferenceService:
         )
 
     @asynccontextmanager
-    async def intake(self, content_length: str | None, clips: int) -> AsyncIterator[Intake]:
+    async def intake(
+        self, content_length: str | None, clips: int, max_seconds: float | None = None
+    ) -> AsyncIterator[Intake]:
         """Admit a request before its body is read: capacity, then its memory reservation
         (estimated from Content-Length for up to ``clips`` clips). Closes what it opened."""
         self.check_capacity()
         length = int(content_length) if content_length and content_length.strip().isdigit() else None
         try:
-            reservation = self.budget.reservation(self.estimate(length, clips))
+            reservation = self.budget.reservation(self.estimate(length, clips, max_seconds))
         except OverBudgetError as exc:
             raise self.over_budget(exc) from None
         intake = Intake(reservation)
@@ -304,7 +320,9 @@ class InferenceService:
 
     # the three stages --------------------------------------------------------------------
 
-    def preprocess(self, upload: Upload, intake: Intake) -> tuple[torch.Tensor, int, int]:
+    def preprocess(
+        self, upload: Upload, intake: Intake, max_seconds: float | None = None, allow_silence: bool = False
+    ) -> tuple[torch.Tensor, int, int]:
         """A spooled body part -> mono waveform at the model's rate, with the duration and silence
         checks. Decoding streams and reserves what it keeps as it goes."""
         m = self.require_model()
@@ -319,12 +337,13 @@ class InferenceService:
 
         try:
             upload.file.seek(0)
-            audio = decode_mono(upload.file, m.sample_rate, max_seconds=s.max_duration_s, on_output=on_output)
+            limit = max_seconds or s.max_duration_s
+            audio = decode_mono(upload.file, m.sample_rate, max_seconds=limit, on_output=on_output)
             kept = audio.wave.numel() * 4  # the joined copy; the pieces are gone
         except OverBudgetError as exc:
             raise self.over_budget(exc) from None
         except AudioTooLongError:
-            raise ApiError(413, "audio_too_long", f"audio is longer than the limit of {s.max_duration_s:g} s") from None
+            raise ApiError(413, "audio_too_long", f"audio is longer than the limit of {limit:g} s") from None
         except AudioError as exc:
             raise ApiError(415, "undecodable_audio", str(exc)) from None
         finally:
@@ -334,7 +353,7 @@ class InferenceService:
             raise ApiError(
                 422, "audio_too_short", f"{audio.duration_s:.3f} s of audio; at least {s.min_duration_s:g} s is needed"
             )
-        if audio.peak < s.silence_peak:
+        if audio.peak < s.silence_peak and not allow_silence:
             raise ApiError(422, "silent_audio", "the audio is silent")
         return audio.wave, audio.source_rate, audio.source_channels
 
@@ -393,3 +412,51 @@ class InferenceService:
             known_score=None if nearest is None else nearest[1],
             known=None if nearest is None else nearest[2],
         )
+
+    async def diarize(
+        self,
+        upload: Upload,
+        intake: Intake,
+        num_speakers: int | None = None,
+        min_speakers: int = 1,
+        max_speakers: int | None = None,
+    ) -> Diarization:
+        """Who spoke when (``model/diarize.py``): speech found with the VAD, cut into overlapping
+        windows, embedded through the same worker as every clip, a few windows at a time so that
+        other requests' clips queue between them, then clustered. A recording with no speech has
+        no turns."""
+        loop = asyncio.get_running_loop()
+        limit = self.settings.diarize_max_duration_s
+        wave, _, _ = await loop.run_in_executor(self._decode_pool, self.preprocess, upload, intake, limit, True)
+        m = self.require_model()
+        rate = m.sample_rate
+        duration = wave.numel() / rate
+        detector = self._speech
+        if detector is None or self._worker is None:
+            raise ApiError(503, "not_ready", "the model is not loaded yet", {"Retry-After": "1"})
+        found = await loop.run_in_executor(self._decode_pool, detector.regions, wave, rate)
+        regions = [(a / rate, b / rate) for a, b in found]
+        config = DiarizeConfig()
+        spans = windows(regions, config)
+        embeddings: list[np.ndarray] = []
+        step = self.settings.diarize_chunk_windows
+        for start in range(0, len(spans), step):
+            futures = [
+                asyncio.wrap_future(self._worker.submit(wave[int(a * rate) : int(b * rate)]))
+                for a, b in spans[start : start + step]
+            ]
+            embeddings.extend(r.embedding.numpy() for r in await asyncio.gather(*futures))
+        self.metrics.audio_seconds.inc(duration)
+        if not embeddings:
+            return Diarization(duration, [], 0, [], np.zeros((0, m.manifest.embedding_size), np.float32), 0)
+        x = np.stack(embeddings)
+        hi = max_speakers if max_speakers is not None else len(x)
+        labels = await loop.run_in_executor(
+            self._decode_pool, estimate_speakers, x, num_speakers, min_speakers, hi, config
+        )
+        found_turns = turns(regions, spans, labels)
+        count = int(labels.max()) + 1
+        unit = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        means = np.stack([unit[labels == k].mean(axis=0) for k in range(count)]).astype(np.float32)
+        speech = [sum(t.duration for t in found_turns if t.speaker == k) for k in range(count)]
+        return Diarization(duration, found_turns, count, speech, means, len(spans))

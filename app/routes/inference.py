@@ -124,10 +124,12 @@ async def one_clip(
     max_files: int,
     work: Callable[[Upload, Intake], Awaitable[T]],
     multipart_only: bool = False,
+    max_seconds: float | None = None,
 ) -> T:
-    """One clip, admitted and handed to ``work`` (decode and infer, or decode and draw)."""
+    """One clip (of at most ``max_seconds``, default MAX_DURATION_S), admitted and handed to
+    ``work`` (decode and infer, decode and draw, or diarize)."""
     service.require_model()
-    async with service.intake(content_length(request), 1) as intake:
+    async with service.intake(content_length(request), 1, max_seconds) as intake:
         if multipart_only:
             require_multipart(request, "a 'file' part")
             uploads = (await read_form_files(request, intake, ["file"], max_files))["file"]

@@ -367,6 +367,42 @@ def require_threshold(service: InferenceService) -> float:
     return service.threshold
 
 
+async def search(
+    request: Request,
+    service: InferenceService,
+    settings: Settings,
+    speakers: SpeakerService,
+    queries: list[np.ndarray],
+    top_k: int,
+) -> tuple[list[list[dict[str, Any]]], Index]:
+    """The ``top_k`` best enrolled profiles of this namespace for each query embedding, best first,
+    by verification score (exact search), and the index searched."""
+    namespace, sha = namespace_of(request, settings), service.model_ref()["sha256"]
+    started = time.perf_counter()
+    key = service.scoring_key()
+
+    def load(store: SpeakerStore) -> tuple[Index, np.ndarray | None]:
+        index = store.index(namespace, sha)
+        return index, index.statistics_for(key, service.norm_statistics)  # made once, in the worker thread
+
+    index, statistics = await in_store(speakers, load)
+    found: list[list[dict[str, Any]]] = []
+    for query in queries:
+        matches: list[dict[str, Any]] = []
+        if index.ids:
+            scores, cosines = service.verification_scores(query, index.matrix, statistics, unit=True)
+            k = min(top_k, len(scores))
+            best = np.argpartition(-scores, k - 1)[:k]
+            best = best[np.argsort(-scores[best], kind="stable")]
+            matches = [
+                {"id": index.ids[i], "name": index.names[i], "score": float(scores[i]), "cosine": float(cosines[i])}
+                for i in best
+            ]
+        found.append(matches)
+    service.metrics.stage.labels(stage="search").observe(time.perf_counter() - started)
+    return found, index
+
+
 @router.post(
     "/identify",
     response_model=IdentifyResponse,
@@ -386,26 +422,7 @@ async def identify(
     threshold = service.identify_threshold
     assert threshold is not None  # at least the verification threshold, which require_threshold checked
     clip = await single(request, service, settings.max_files, multipart_only=True)
-    namespace, sha = namespace_of(request, settings), service.model_ref()["sha256"]
-    started = time.perf_counter()
-    key = service.scoring_key()
-
-    def load(store: SpeakerStore) -> tuple[Index, np.ndarray | None]:
-        index = store.index(namespace, sha)
-        return index, index.statistics_for(key, service.norm_statistics)  # made once, in the worker thread
-
-    index, statistics = await in_store(speakers, load)
-    matches: list[dict[str, Any]] = []
-    if index.ids:
-        scores, cosines = service.verification_scores(clip.embedding, index.matrix, statistics, unit=True)
-        k = min(top_k, len(scores))
-        best = np.argpartition(-scores, k - 1)[:k]
-        best = best[np.argsort(-scores[best], kind="stable")]
-        matches = [
-            {"id": index.ids[i], "name": index.names[i], "score": float(scores[i]), "cosine": float(cosines[i])}
-            for i in best
-        ]
-    service.metrics.stage.labels(stage="search").observe(time.perf_counter() - started)
+    (matches,), index = await search(request, service, settings, speakers, [clip.embedding], top_k)
     found = matches[0] if matches and matches[0]["score"] >= threshold else None
     return {
         "matches": matches,

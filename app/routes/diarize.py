@@ -1,0 +1,100 @@
+"""POST /diarize: who spoke when in one recording, optionally named from the enrolled speakers."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import PlainTextResponse
+
+from app.deps import ServiceDep, SettingsDep
+from app.errors import ApiError
+from app.routes.inference import audio_body, one_clip
+from app.routes.speakers import SPEAKER_ERRORS, SpeakersDep, require_threshold, search
+from app.schemas import DiarizeResponse
+from app.service import Diarization
+from model.diarize import MAX_SPEAKERS, rttm
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["diarization"])
+
+Count = Annotated[int | None, Query(ge=1, le=MAX_SPEAKERS)]
+
+
+def check_hints(num: int | None, lo: int | None, hi: int | None) -> tuple[int, int | None]:
+    """The bounds a diarization may use; contradictory hints are a 422."""
+    low = lo if lo is not None else 1
+    if hi is not None and low > hi:
+        raise ApiError(422, "invalid_parameters", f"min_speakers ({low}) is more than max_speakers ({hi})")
+    if num is not None and (num < low or (hi is not None and num > hi)):
+        raise ApiError(422, "invalid_parameters", f"num_speakers ({num}) is outside min_speakers..max_speakers")
+    return low, hi
+
+
+def label(k: int) -> str:
+    return f"S{k + 1}"
+
+
+@router.post(
+    "/diarize",
+    response_model=DiarizeResponse,
+    summary="who spoke when: speaker turns of one recording, optionally named from the enrolled speakers",
+    openapi_extra=audio_body(["file"]),
+    responses={
+        **SPEAKER_ERRORS,
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "JSON, or RTTM"},
+    },
+)
+async def diarize(
+    request: Request,
+    service: ServiceDep,
+    settings: SettingsDep,
+    speakers: SpeakersDep,
+    num_speakers: Count = None,
+    min_speakers: Count = None,
+    max_speakers: Count = None,
+    identify: Annotated[bool, Query(description="name each speaker from the enrolled profiles")] = False,
+    format: Annotated[Literal["json", "rttm"], Query(description="json, or NIST RTTM as text")] = "json",
+) -> Any:
+    low, high = check_hints(num_speakers, min_speakers, max_speakers)
+    service.require_model()
+    threshold = None
+    if identify:
+        require_threshold(service)
+        threshold = service.identify_threshold
+
+    async def work(upload: Any, intake: Any) -> Diarization:
+        return await service.diarize(upload, intake, num_speakers, low, high)
+
+    found = await one_clip(request, service, settings.max_files, work, max_seconds=settings.diarize_max_duration_s)
+    names = [label(k) for k in range(found.speakers)]
+    if format == "rttm":
+        name = request.headers.get("x-filename") or "audio"
+        return PlainTextResponse(rttm(found.turns, names, name), media_type="text/plain; charset=utf-8")
+    matches: list[dict[str, Any] | None] = [None] * found.speakers
+    if identify and found.speakers:
+        assert threshold is not None
+        best, _ = await search(request, service, settings, speakers, list(found.embeddings), top_k=found.speakers)
+        # each profile names at most one speaker: the best-scoring pairs first
+        pairs = sorted(
+            ((m["score"], k, m) for k, ms in enumerate(best) for m in ms if m["score"] >= threshold),
+            key=lambda p: -p[0],
+        )
+        taken: set[str] = set()
+        for _, k, m in pairs:
+            if matches[k] is None and m["id"] not in taken:
+                matches[k] = {"id": m["id"], "name": m["name"], "score": m["score"]}
+                taken.add(m["id"])
+    return {
+        "duration": round(found.duration_s, 3),
+        "speakers": [
+            {"label": names[k], "speech_seconds": round(found.speech_s[k], 3), "match": matches[k]}
+            for k in range(found.speakers)
+        ],
+        "segments": [
+            {"start": round(t.start, 3), "end": round(t.end, 3), "speaker": names[t.speaker]} for t in found.turns
+        ],
+        "identify_threshold": threshold,
+        "model": service.model_ref(),
+    }

@@ -1,0 +1,191 @@
+"""Who spoke when, from a recording's speech regions and embeddings of short windows of them.
+
+The method is the one 3D-Speaker and WeSpeaker use, written here for this network: speech regions
+(Silero VAD, ``model/speech.py``) are cut into overlapping windows, each window is embedded, the
+embeddings are clustered by spectral clustering on a pruned cosine affinity (the number of
+speakers from the largest eigengap of its Laplacian, unless the caller gives it or bounds it),
+clusters whose centroids are as alike as one speaker's are merged, and each stretch of speech
+takes the speaker of the windows nearest it, so a turn changes halfway between two windows'
+centres. Times in seconds; audio and embeddings in, turns out: no web code.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+from sklearn.cluster import KMeans
+
+MAX_SPEAKERS = 20  # the most speakers /diarize will look for
+
+
+@dataclass(frozen=True)
+class DiarizeConfig:
+    window_s: float = 1.5  # each embedded window
+    hop_s: float = 0.75  # between window starts: windows overlap by half
+    min_window_s: float = 0.4  # a speech region shorter than this is too short to embed; it joins a neighbour
+    prune: float = 0.022  # share of each row of the affinity kept (3D-Speaker's p-pruning); at least 6 entries
+    merge_cosine: float = 0.75  # clusters whose centroids are nearer than this by cosine are one speaker
+    min_cluster_windows: int = 2  # a smaller cluster (unless forced by a hint) joins its nearest
+
+
+@dataclass(frozen=True)
+class Turn:
+    start: float
+    end: float
+    speaker: int  # 0, 1, ... in order of first appearance
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+
+def windows(regions: list[tuple[float, float]], config: DiarizeConfig | None = None) -> list[tuple[float, float]]:
+    """Overlapping windows over each speech region: ``window_s`` long every ``hop_s``, the last one
+    ending at the region's end; a region shorter than a window is one window of its own length
+    (if at least ``min_window_s``)."""
+    c = config or DiarizeConfig()
+    out: list[tuple[float, float]] = []
+    for start, end in regions:
+        length = end - start
+        if length < c.min_window_s:
+            continue
+        if length <= c.window_s:
+            out.append((start, end))
+            continue
+        count = math.ceil((length - c.window_s) / c.hop_s) + 1
+        for i in range(count):
+            a = min(start + i * c.hop_s, end - c.window_s)
+            out.append((a, a + c.window_s))
+    return out
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def estimate_speakers(
+    embeddings: np.ndarray,
+    num_speakers: int | None = None,
+    min_speakers: int = 1,
+    max_speakers: int = MAX_SPEAKERS,
+    config: DiarizeConfig | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """A speaker index per row of ``embeddings`` ``(N, D)``, numbered in order of first appearance.
+
+    Spectral clustering of the p-pruned cosine affinity; the count is ``num_speakers`` if given,
+    else the largest gap among the Laplacian's smallest eigenvalues within ``[min_speakers,
+    max_speakers]``; then clusters nearer than ``merge_cosine`` are merged and clusters of fewer
+    than ``min_cluster_windows`` windows join their nearest, as far as the bounds allow."""
+    c = config or DiarizeConfig()
+    n = len(embeddings)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    lo = max(1, min(min_speakers, n))
+    hi = max(lo, min(max_speakers, n))
+    if num_speakers is not None:
+        lo = hi = max(1, min(num_speakers, n))
+    x = _unit(np.asarray(embeddings, dtype=np.float64))
+    if hi == 1 or n == 1:
+        return np.zeros(n, dtype=np.int64)
+    if n <= 3:  # too few for a graph: each window its own cluster, then merged below
+        labels = np.arange(n)
+    else:
+        affinity = x @ x.T
+        keep = max(6, round(c.prune * n))
+        pruned = np.zeros_like(affinity)
+        top = np.argsort(-affinity, axis=1)[:, :keep]
+        rows = np.arange(n)[:, None]
+        pruned[rows, top] = affinity[rows, top]
+        pruned = 0.5 * (pruned + pruned.T)
+        np.fill_diagonal(pruned, 0.0)
+        laplacian = np.diag(np.abs(pruned).sum(axis=1)) - pruned
+        values, vectors = scipy.linalg.eigh(laplacian)
+        if lo == hi:
+            k = lo
+        else:
+            gaps = np.diff(values[: hi + 1])  # gap after the k-th smallest eigenvalue, k = 1..hi
+            k = lo + int(np.argmax(gaps[lo - 1 : hi]))
+        k = min(k, n)
+        labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(vectors[:, :k])
+    labels = _merge(x, labels, lo, hi, c)
+    return _by_first_appearance(labels)
+
+
+def _merge(x: np.ndarray, labels: np.ndarray, lo: int, hi: int, c: DiarizeConfig) -> np.ndarray:
+    """Merge the two most alike clusters while their centroids are nearer than ``merge_cosine``,
+    a cluster is below ``min_cluster_windows``, or there are more than ``hi``; never below ``lo``."""
+    labels = labels.copy()
+    while True:
+        ids = sorted(set(labels.tolist()))
+        if len(ids) <= lo:
+            return labels
+        centroids = _unit(np.stack([x[labels == i].mean(axis=0) for i in ids]))
+        sizes = np.array([(labels == i).sum() for i in ids])
+        sim = centroids @ centroids.T
+        np.fill_diagonal(sim, -np.inf)
+        small = np.flatnonzero(sizes < c.min_cluster_windows)
+        if len(ids) > hi or sim.max() >= c.merge_cosine:
+            a, b = (int(v) for v in np.unravel_index(np.argmax(sim), sim.shape))
+        elif len(small):
+            a = int(small[np.argmin(sizes[small])])
+            b = int(np.argmax(sim[a]))
+        else:
+            return labels
+        labels[labels == ids[max(a, b)]] = ids[min(a, b)]
+
+
+def _by_first_appearance(labels: np.ndarray) -> np.ndarray:
+    order: dict[int, int] = {}
+    for v in labels.tolist():
+        order.setdefault(v, len(order))
+    return np.array([order[v] for v in labels.tolist()], dtype=np.int64)
+
+
+def turns(
+    regions: list[tuple[float, float]], wins: list[tuple[float, float]], labels: np.ndarray, min_gap_s: float = 0.0
+) -> list[Turn]:
+    """Speaker turns: every speech region is split among the windows' speakers, each instant
+    taking the speaker of the window whose centre is nearest (so a change falls halfway between
+    the centres of two windows that disagree); consecutive pieces of one speaker separated by at
+    most ``min_gap_s`` of silence are joined. Regions with no window take their nearest window's
+    speaker. Sorted by start."""
+    if not wins:
+        return []
+    centres = np.array([(a + b) / 2 for a, b in wins])
+    order = np.argsort(centres, kind="stable")
+    centres, speakers = centres[order], np.asarray(labels)[order]
+    pieces: list[Turn] = []
+    for start, end in regions:
+        # the boundaries between consecutive windows' centres that fall inside this region
+        inside = np.flatnonzero((centres >= start) & (centres <= end))
+        if len(inside) == 0:
+            nearest = int(np.argmin(np.abs(centres - (start + end) / 2)))
+            pieces.append(Turn(start, end, int(speakers[nearest])))
+            continue
+        t = start
+        for i, j in itertools.pairwise(inside):
+            if speakers[i] != speakers[j]:
+                cut = float((centres[i] + centres[j]) / 2)
+                pieces.append(Turn(t, cut, int(speakers[i])))
+                t = cut
+        pieces.append(Turn(t, end, int(speakers[inside[-1]])))
+    joined: list[Turn] = []
+    for p in sorted(pieces, key=lambda p: p.start):
+        if joined and joined[-1].speaker == p.speaker and p.start - joined[-1].end <= min_gap_s:
+            joined[-1] = Turn(joined[-1].start, max(joined[-1].end, p.end), p.speaker)
+        elif p.end > p.start:
+            joined.append(p)
+    return joined
+
+
+def rttm(turns_: list[Turn], names: list[str], file_id: str = "audio") -> str:
+    """NIST RTTM: one ``SPEAKER`` line per turn, onset and duration in seconds."""
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in file_id) or "audio"
+    return "".join(
+        f"SPEAKER {safe} 1 {t.start:.3f} {t.duration:.3f} <NA> <NA> {names[t.speaker]} <NA> <NA>\n" for t in turns_
+    )

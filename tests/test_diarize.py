@@ -1,0 +1,172 @@
+"""POST /diarize through real HTTP: conversations made here from generated voices, with known turns."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from model.diarize import DiarizeConfig, estimate_speakers, turns, windows
+from tests.conftest import EAGER, Server, speech, wav_bytes
+
+RATE = 16000
+FRAME_S = 0.01
+
+
+def conversation(
+    parts: list[tuple[int, int]], pause_s: float = 0.5
+) -> tuple[torch.Tensor, list[tuple[float, float, int]]]:
+    """``(voice, sentence)`` turns one after another with a pause between: the waveform and the
+    reference turns ``(start, end, voice)`` (each turn from its first to its last audible sample)."""
+    pieces, reference, t = [], [], 0.0
+    gap = torch.zeros(int(pause_s * RATE))
+    for voice, sentence in parts:
+        wave = speech(voice, sentence)
+        loud = torch.nonzero(wave.abs() > 0.01).flatten()
+        wave = wave[int(loud[0]) : int(loud[-1]) + 1]
+        reference.append((t, t + wave.numel() / RATE, voice))
+        pieces += [wave, gap]
+        t += (wave.numel() + gap.numel()) / RATE
+    return torch.cat(pieces), reference
+
+
+def frames(spans: list[tuple[float, float, object]], duration: float) -> list[object | None]:
+    out: list[object | None] = [None] * int(duration / FRAME_S)
+    for start, end, who in spans:
+        for i in range(int(start / FRAME_S), min(len(out), int(end / FRAME_S))):
+            out[i] = who
+    return out
+
+
+def speaker_error(reference: list[tuple[float, float, int]], found: list[dict], duration: float) -> float:
+    """Share of the reference speech not given to its own speaker, under the best one-to-one
+    mapping of found labels to voices (missed speech counts as an error; a simple frame DER)."""
+    ref = frames(reference, duration)
+    hyp = frames([(s["start"], s["end"], s["speaker"]) for s in found], duration)
+    voices = sorted({v for v in ref if v is not None})
+    labels = sorted({h for h in hyp if h is not None})
+    overlap = np.zeros((len(voices), max(1, len(labels))))
+    for r, h in zip(ref, hyp, strict=True):
+        if r is not None and h is not None:
+            overlap[voices.index(r), labels.index(h)] += 1
+    rows, cols = linear_sum_assignment(-overlap)
+    right = overlap[rows, cols].sum()
+    speech_frames = sum(r is not None for r in ref)
+    return 1 - right / speech_frames
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    data = tmp_path_factory.mktemp("diarize-store")
+    srv = Server({**EAGER, "DATA_DIR": str(data), "DIARIZE_MAX_DURATION_S": "90"})
+    try:
+        srv.wait_ready()
+        with httpx.Client(base_url=srv.url, timeout=300.0) as c:
+            yield c
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def three_voices() -> tuple[torch.Tensor, list[tuple[float, float, int]]]:
+    """Three of the generated voices taking turns, twice round, about 40 s."""
+    return conversation([(0, 2), (6, 3), (2, 4), (0, 5), (6, 6), (2, 7)])
+
+
+def test_a_conversation_is_split_into_its_speakers_turns(served, three_voices):
+    wave, reference = three_voices
+    r = served.post("/diarize", files={"file": ("talk.wav", wav_bytes(wave))})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["duration"] == pytest.approx(wave.numel() / RATE, abs=0.01)
+    assert [s["label"] for s in body["speakers"]] == ["S1", "S2", "S3"]  # the count found, no hint given
+    starts = [s["start"] for s in body["segments"]]
+    assert starts == sorted(starts) and all(s["end"] > s["start"] for s in body["segments"])
+    assert speaker_error(reference, body["segments"], body["duration"]) <= 0.1
+    # each speaker's speech is what its turns add up to, and no match was asked for
+    for s in body["speakers"]:
+        total = sum(seg["end"] - seg["start"] for seg in body["segments"] if seg["speaker"] == s["label"])
+        assert s["speech_seconds"] == pytest.approx(total, abs=0.01) and s["match"] is None
+
+
+def test_hints_bound_the_count_and_contradictions_are_refused(served, three_voices):
+    wave, _ = three_voices
+    audio = wav_bytes(wave)
+    two = served.post("/diarize", params={"num_speakers": 2}, files={"file": ("t.wav", audio)}).json()
+    assert len(two["speakers"]) == 2
+    at_most = served.post("/diarize", params={"max_speakers": 2}, files={"file": ("t.wav", audio)}).json()
+    assert len(at_most["speakers"]) <= 2
+    for params in ({"min_speakers": 3, "max_speakers": 2}, {"num_speakers": 4, "max_speakers": 3},
+                   {"num_speakers": 0}, {"max_speakers": 1000}):  # fmt: skip
+        r = served.post("/diarize", params=params, files={"file": ("t.wav", audio)})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_parameters", (params, r.text)
+
+
+def test_rttm_answer_carries_the_same_turns(served, three_voices):
+    wave, reference = three_voices
+    r = served.post("/diarize", params={"format": "rttm"}, files={"file": ("talk.wav", wav_bytes(wave))})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    segments = []
+    for line in r.text.splitlines():
+        kind, _, channel, onset, dur, _, _, who, _, _ = line.split(" ")
+        assert kind == "SPEAKER" and channel == "1"
+        segments.append({"start": float(onset), "end": float(onset) + float(dur), "speaker": who})
+    assert speaker_error(reference, segments, wave.numel() / RATE) <= 0.1
+
+
+def test_enrolled_speakers_are_named_and_others_are_not(served, three_voices):
+    wave, reference = three_voices
+    names = {0: "awb", 2: "slt"}
+    for voice, name in names.items():  # enrolled from sentences the conversation does not use
+        files = [("file", (f"{name}{i}.wav", wav_bytes(speech(voice, i)))) for i in (0, 1)]
+        r = served.post("/speakers", data={"name": name}, files=files)
+        assert r.status_code in (200, 201), r.text
+    body = served.post("/diarize", params={"identify": True}, files={"file": ("t.wav", wav_bytes(wave))}).json()
+    assert body["identify_threshold"] is not None
+    named = {s["label"]: (s["match"] or {}).get("name") for s in body["speakers"]}
+    # the speech each reference voice is given, by the name its label carries
+    ref, hyp = (
+        frames(reference, body["duration"]),
+        frames([(s["start"], s["end"], named[s["speaker"]]) for s in body["segments"]], body["duration"]),
+    )
+    for voice, name in names.items():
+        theirs = [h for r, h in zip(ref, hyp, strict=True) if r == voice]
+        assert sum(h == name for h in theirs) >= 0.9 * len(theirs), (voice, named)
+    others = [h for r, h in zip(ref, hyp, strict=True) if r == 6]
+    assert not any(h in names.values() for h in others)
+    assert sorted(n for n in named.values() if n) == sorted(names.values())
+
+
+def test_no_speech_gives_no_turns_and_bad_input_a_clear_error(served):
+    silence = wav_bytes(torch.zeros(5 * RATE))
+    body = served.post("/diarize", files={"file": ("quiet.wav", silence)}).json()
+    assert body["segments"] == [] and body["speakers"] == [] and body["duration"] == pytest.approx(5.0)
+    hum = wav_bytes(0.1 * torch.sin(2 * torch.pi * 50 * torch.arange(5 * RATE) / RATE))
+    assert served.post("/diarize", files={"file": ("hum.wav", hum)}).json()["segments"] == []
+    r = served.post("/diarize", files={"file": ("x.wav", b"not audio at all" * 100)})
+    assert r.status_code == 415 and r.json()["error"]["code"] == "undecodable_audio"
+    long = wav_bytes(torch.zeros(91 * RATE))  # DIARIZE_MAX_DURATION_S=90 on this server
+    r = served.post("/diarize", files={"file": ("long.wav", long)})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "audio_too_long"
+    # and the server still answers
+    assert served.post("/embed", files={"file": ("a.wav", wav_bytes(speech(1, 0)))}).status_code == 200
+
+
+def test_turns_change_halfway_between_windows_that_disagree():
+    regions = [(0.0, 6.0), (7.0, 7.2)]
+    wins = windows(regions, DiarizeConfig())
+    assert wins[0] == (0.0, 1.5) and wins[-1] == (4.5, 6.0) and all(b - a == 1.5 for a, b in wins)
+    labels = np.array([0 if (a + b) / 2 < 3 else 1 for a, b in wins])
+    found = turns(regions, wins, labels)
+    centres = [(a + b) / 2 for a, b in wins]
+    cut = next((centres[i] + centres[i + 1]) / 2 for i in range(len(wins) - 1) if labels[i] != labels[i + 1])
+    assert [(t.start, t.end, t.speaker) for t in found] == [(0.0, cut, 0), (cut, 6.0, 1), (7.0, 7.2, 1)]
+    # clusters as alike as one voice are one speaker, and a hint's count is kept
+    rng = np.random.default_rng(0)
+    one = rng.normal(size=(1, 64)) + 0.05 * rng.normal(size=(30, 64))
+    assert set(estimate_speakers(one).tolist()) == {0}
+    assert len(set(estimate_speakers(one, num_speakers=2).tolist())) == 2
