@@ -24,6 +24,7 @@ import httpx
 from client.results import (
     BatchItem,
     Classification,
+    Diarization,
     Embedding,
     Identification,
     ServiceError,
@@ -204,6 +205,18 @@ class Calls:
         return Call("POST", "/identify", Identification.of, {"top_k": top_k}, [("file", audio_part(audio))])
 
     @staticmethod
+    def diarize(
+        audio: Audio,
+        num_speakers: int | None = None,
+        min_speakers: int | None = None,
+        max_speakers: int | None = None,
+        identify: bool = False,
+    ) -> Call:
+        params = {"num_speakers": num_speakers, "min_speakers": min_speakers, "max_speakers": max_speakers,
+                  "identify": identify}  # fmt: skip
+        return Call("POST", "/diarize", Diarization.of, params, [("file", audio_part(audio))])
+
+    @staticmethod
     def model() -> Call:
         return Call("GET", "/v1/model", lambda d: d)
 
@@ -283,6 +296,17 @@ class Client:
     def identify(self, audio: Audio, top_k: int = 5) -> Identification:
         return self.send(Calls.identify(audio, top_k))
 
+    def diarize(
+        self,
+        audio: Audio,
+        num_speakers: int | None = None,
+        min_speakers: int | None = None,
+        max_speakers: int | None = None,
+        identify: bool = False,
+    ) -> Diarization:
+        """Who spoke when in one recording; with ``identify``, speakers named from the enrolled ones."""
+        return self.send(Calls.diarize(audio, num_speakers, min_speakers, max_speakers, identify))
+
     def model(self) -> dict[str, Any]:
         return self.send(Calls.model())
 
@@ -358,6 +382,16 @@ class AsyncClient:
 
     async def identify(self, audio: Audio, top_k: int = 5) -> Identification:
         return await self.send(Calls.identify(audio, top_k))
+
+    async def diarize(
+        self,
+        audio: Audio,
+        num_speakers: int | None = None,
+        min_speakers: int | None = None,
+        max_speakers: int | None = None,
+        identify: bool = False,
+    ) -> Diarization:
+        return await self.send(Calls.diarize(audio, num_speakers, min_speakers, max_speakers, identify))
 
     async def model(self) -> dict[str, Any]:
         return await self.send(Calls.model())

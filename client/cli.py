@@ -5,6 +5,7 @@
     python -m client identify FILES_OR_DIRS --url URL --out out.jsonl
     python -m client verify A B --url URL
     python -m client enrol NAME FILES_OR_DIRS --url URL [--metadata JSON]
+    python -m client diarize FILES_OR_DIRS --url URL --out out.rttm|out.jsonl [--identify] [--num-speakers N]
 
 Folders are walked for audio files (by extension; files named on the command line are always
 sent). Every file gets one row: its result, or its error in the ``error`` column (the run goes
@@ -29,7 +30,7 @@ from typing import Any
 from tqdm import tqdm
 
 from client.api import AsyncClient, Client
-from client.results import Classification, Embedding, Identification, ServiceError
+from client.results import Classification, Diarization, Embedding, Identification, ServiceError
 
 AUDIO_SUFFIXES = frozenset(
     [
@@ -54,7 +55,7 @@ AUDIO_SUFFIXES = frozenset(
         ".mka",
     ]
 )
-FORMATS = (".jsonl", ".parquet", ".npy")
+FORMATS = (".jsonl", ".parquet", ".npy", ".rttm")
 
 
 def find_audio(paths: Iterable[Path], suffixes: frozenset[str] = AUDIO_SUFFIXES) -> list[Path]:
@@ -146,6 +147,9 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def write_rows(path: Path, rows: list[dict[str, Any]], suffix: str) -> None:
+    if suffix == ".rttm":
+        path.write_text("".join(rttm_of(r) for r in rows if not r.get("error")), encoding="utf-8")
+        return
     if suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -197,10 +201,37 @@ def identify_row(r: Identification) -> dict[str, Any]:
     }
 
 
+def diarize_row(r: Diarization) -> dict[str, Any]:
+    return {
+        "duration": r.duration,
+        "speakers": [
+            {
+                "label": s.label,
+                "speech_seconds": s.speech_seconds,
+                "name": s.match.name if s.match else None,
+                "id": s.match.id if s.match else None,
+            }
+            for s in r.speakers
+        ],
+        "segments": [{"start": t.start, "end": t.end, "speaker": t.speaker} for t in r.segments],
+    }
+
+
+def rttm_of(row: dict[str, Any]) -> str:
+    """A diarize row as RTTM lines: the file's stem as its id, enrolled names where matched."""
+    file_id = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in Path(row["path"]).stem) or "audio"
+    names = {s["label"]: s["name"] or s["label"] for s in row["speakers"]}
+    return "".join(
+        f"SPEAKER {file_id} 1 {t['start']:.3f} {t['end'] - t['start']:.3f} <NA> <NA> {names[t['speaker']]} <NA> <NA>\n"
+        for t in row["segments"]
+    )
+
+
 EMPTY: dict[str, dict[str, Any]] = {
     "embed": {"embedding": None, "duration_s": None},
     "classify": dict.fromkeys(["label", "score", "known", "known_score", "probabilities", "duration_s"]),
     "identify": {"speaker_id": None, "speaker_name": None, "score": None, "matches": None},
+    "diarize": {"duration": None, "speakers": None, "segments": None},
 }
 
 
@@ -210,6 +241,9 @@ def request_for(args: argparse.Namespace, http: AsyncClient) -> Callable[[Path],
             return embed_row(await http.embed(path, normalize=args.normalize))
         if args.command == "classify":
             return classify_row(await http.classify(path, top_k=args.top_k))
+        if args.command == "diarize":
+            found = await http.diarize(path, args.num_speakers, args.min_speakers, args.max_speakers, args.identify)
+            return diarize_row(found)
         return identify_row(await http.identify(path, top_k=args.top_k))
 
     return one
@@ -237,6 +271,8 @@ async def run_files(args: argparse.Namespace, files: list[Path], output: Output)
                 except OSError as exc:
                     row["error"] = f"unreadable: {exc}"
                 failed += row["error"] is not None
+                if row["error"] is not None:
+                    tqdm.write(f"{path}: {row['error']}", file=sys.stderr)
                 output.append(row)
                 bar.update(1)
 
@@ -249,6 +285,8 @@ def many(args: argparse.Namespace) -> int:
     output = Output(args.out)
     if args.command != "embed" and args.out.suffix == ".npy":
         raise ValueError(".npy holds embeddings only; write classify and identify rows to .jsonl or .parquet")
+    if (args.command == "diarize") != (args.out.suffix == ".rttm") and args.out.suffix != ".jsonl":
+        raise ValueError("diarize writes .rttm or .jsonl; .rttm holds diarize turns only")
     files = find_audio(args.paths)
     done = output.done()
     todo = [f for f in files if str(f) not in done]
@@ -305,6 +343,14 @@ def parser() -> argparse.ArgumentParser:
             cmd.add_argument("--normalize", action="store_true", help="L2-normalised embeddings")
         else:
             cmd.add_argument("--top-k", type=int, default=3 if name == "classify" else 5)
+    diarize = sub.add_parser("diarize", parents=[common], help="who spoke when in each recording")
+    diarize.add_argument("paths", nargs="+", type=Path)
+    diarize.add_argument("--out", type=Path, required=True, help="out.rttm (NIST RTTM) or out.jsonl (a row a file)")
+    diarize.add_argument("--concurrency", type=int, default=1, help="recordings in flight")
+    diarize.add_argument("--num-speakers", type=int, help="how many speakers there are, if known")
+    diarize.add_argument("--min-speakers", type=int)
+    diarize.add_argument("--max-speakers", type=int)
+    diarize.add_argument("--identify", action="store_true", help="name speakers from the enrolled profiles")
     verify = sub.add_parser("verify", parents=[common], help="are two clips the same voice?")
     verify.add_argument("a", type=Path)
     verify.add_argument("b", type=Path)

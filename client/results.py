@@ -181,3 +181,49 @@ class Identification:
             d["searched"],
             d["skipped_stale"],
         )
+
+
+@dataclass(frozen=True)
+class DiarizedSpeaker:
+    label: str
+    speech_seconds: float
+    match: Match | None  # with identify=True, the enrolled profile this voice is
+
+
+@dataclass(frozen=True)
+class Turn:
+    start: float
+    end: float
+    speaker: str
+
+
+@dataclass(frozen=True)
+class Diarization:
+    duration: float
+    speakers: list[DiarizedSpeaker]
+    segments: list[Turn]  # sorted by start
+    model: ModelRef
+
+    @classmethod
+    def of(cls, d: dict[str, Any]) -> Diarization:
+        speakers = [
+            DiarizedSpeaker(s["label"], s["speech_seconds"], None if s["match"] is None else Match(**s["match"]))
+            for s in d["speakers"]
+        ]
+        turns = [Turn(t["start"], t["end"], t["speaker"]) for t in d["segments"]]
+        return cls(d["duration"], speakers, turns, ModelRef.of(d["model"]))
+
+    def name_of(self, label: str) -> str:
+        """The enrolled name a label carries, else the label."""
+        for s in self.speakers:
+            if s.label == label:
+                return s.match.name if s.match is not None else label
+        return label
+
+    def rttm(self, file_id: str = "audio") -> str:
+        """The turns as NIST RTTM lines, speakers by enrolled name where named."""
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in file_id) or "audio"
+        return "".join(
+            f"SPEAKER {safe} 1 {t.start:.3f} {t.end - t.start:.3f} <NA> <NA> {self.name_of(t.speaker)} <NA> <NA>\n"
+            for t in self.segments
+        )

@@ -28,7 +28,7 @@ class DiarizeConfig:
     hop_s: float = 0.75  # between window starts: windows overlap by half
     min_window_s: float = 0.4  # a speech region shorter than this is too short to embed; it joins a neighbour
     prune: float = 0.022  # share of each row of the affinity kept (3D-Speaker's p-pruning); at least 6 entries
-    merge_cosine: float = 0.75  # clusters whose centroids are nearer than this by cosine are one speaker
+    merge_cosine: float = 0.6  # clusters whose centroids are nearer than this are one speaker (chosen on validation)
     min_cluster_windows: int = 2  # a smaller cluster (unless forced by a hint) joins its nearest
 
 

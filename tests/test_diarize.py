@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -10,8 +12,14 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
+import model
+from client import Client
 from model.diarize import DiarizeConfig, estimate_speakers, turns, windows
-from tests.conftest import EAGER, Server, speech, wav_bytes
+from model.training.data import UNLABELLED, Item
+from model.training.diarization import evaluate_diarization, format_diarization
+from model.training.voices import catalogue
+from tests.conftest import EAGER, SHIPPED_WEIGHTS, Server, speech, wav_bytes
+from tests.test_client import cli
 
 RATE = 16000
 FRAME_S = 0.01
@@ -141,6 +149,30 @@ def test_enrolled_speakers_are_named_and_others_are_not(served, three_voices):
     assert sorted(n for n in named.values() if n) == sorted(names.values())
 
 
+def test_the_client_and_its_command_line_write_rttm_and_jsonl(served, three_voices, tmp_path):
+    """Client.diarize, and `python -m client diarize` over files (named from the speakers enrolled
+    above): RTTM lines per file with the enrolled names, a JSONL row per file, a bad file's error."""
+    wave, reference = three_voices
+    talk, bad = tmp_path / "talk.wav", tmp_path / "bad.wav"
+    talk.write_bytes(wav_bytes(wave))
+    bad.write_bytes(b"not audio" * 50)
+    with Client(str(served.base_url)) as c:
+        found = c.diarize(talk, identify=True)
+    assert len(found.speakers) == 3 and sorted(s.match.name for s in found.speakers if s.match) == ["awb", "slt"]
+    assert speaker_error(reference, [vars(t) for t in found.segments], found.duration) <= 0.1
+    out = tmp_path / "who.rttm"
+    proc = cli("diarize", talk, bad, "--identify", "--out", out, "--url", str(served.base_url))
+    assert proc.returncode == 1 and "bad.wav" in proc.stderr  # one file failed, and it says which
+    lines = [line.split(" ") for line in out.read_text().splitlines()]
+    assert {line[1] for line in lines} == {"talk"} and {"awb", "slt"} <= {line[7] for line in lines}
+    assert found.rttm("talk") == out.read_text()
+    rows = tmp_path / "who.jsonl"
+    proc = cli("diarize", talk, bad, "--num-speakers", "2", "--out", rows, "--url", str(served.base_url))
+    by_path = {Path(r["path"]).name: r for r in map(json.loads, rows.read_text().splitlines())}
+    assert len(by_path["talk.wav"]["speakers"]) == 2 and by_path["talk.wav"]["error"] is None
+    assert by_path["bad.wav"]["error"].startswith("undecodable_audio")
+
+
 def test_no_speech_gives_no_turns_and_bad_input_a_clear_error(served):
     silence = wav_bytes(torch.zeros(5 * RATE))
     body = served.post("/diarize", files={"file": ("quiet.wav", silence)}).json()
@@ -170,3 +202,19 @@ def test_turns_change_halfway_between_windows_that_disagree():
     one = rng.normal(size=(1, 64)) + 0.05 * rng.normal(size=(30, 64))
     assert set(estimate_speakers(one).tolist()) == {0}
     assert len(set(estimate_speakers(one, num_speakers=2).tolist())) == 2
+
+
+def test_the_evaluation_scores_conversations_of_held_out_voices_with_pyannote():
+    """`evaluate --diarization`'s path on one conversation of two held-out synthetic voices, spoken
+    afresh: pyannote.metrics' DER and its parts, the speaker count, and the naming figures."""
+    shipped = model.load(SHIPPED_WEIGHTS)
+    voices = [v.label for v in catalogue() if v.role == "open-test"][:2]
+    items = [Item(Path(f"{v}.wav"), UNLABELLED, "open-test", voice=v) for v in voices]
+    report = evaluate_diarization(shipped, items, conversations=1, seed=3)
+    r = report["synthetic"]
+    assert r["conversations"] == 1 and 60 <= r["seconds"] <= 190 and "real" not in report
+    (conv,) = r["per_conversation"]
+    assert conv["speakers"] == 2 and r["speaker_count_accuracy"] == (conv["found"] == 2)
+    assert r["der"] == pytest.approx(r["missed"] + r["false_alarm"] + r["confusion"]) and r["der"] <= 0.1
+    assert r["naming"]["enrolled_speech_named_right"] >= 0.9 and r["naming"]["other_speech_named"] == 0
+    assert "DER" in format_diarization(report)

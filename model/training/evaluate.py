@@ -33,9 +33,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from model.diarize import DiarizeConfig
 from model.runtime import BACKENDS, PRECISIONS, EmbeddingModel, load
 from model.training.corpus import PROBES
 from model.training.data import Dataset, Item, load_waves, scan
+from model.training.diarization import evaluate_diarization, format_diarization
 from model.training.metrics import cross_condition, equal_error_rate, open_set_report, summarise
 from model.training.provenance import command_line
 from model.training.teachers import SAMPLE_RATE, TEACHERS, Teacher, load_teacher
@@ -483,6 +485,15 @@ def main(argv: list[str] | None = None) -> int:
         choices=TEACHERS,
         help="with --open-set: the teachers on the same trials (make teachers)",
     )
+    parser.add_argument(
+        "--diarization",
+        action="store_true",
+        help="who spoke when, on conversations made of the open-set voices (open-test by default, or open-val)",
+    )
+    parser.add_argument("--conversations", type=int, default=20, help="with --diarization: how many of each kind")
+    parser.add_argument(
+        "--merge-cosine", type=float, help="with --diarization: merge clusters nearer than this (default: /diarize's)"
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--backend", default="torch", choices=list(BACKENDS))
     parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
@@ -493,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args.open_set = args.open_set or args.diarization
     split = args.split or ("open-test" if args.open_set else "test")
     allowed = ["open-test", "open-val"] if args.open_set else ["train", "val", "test", "all"]
     if split not in allowed:
@@ -509,6 +521,11 @@ def main(argv: list[str] | None = None) -> int:
             waves = load_waves(items, model.sample_rate, f"loading {split}")
             summary = parity(model, load(args.weights_dir), waves, [it.voice for it in items])
             summary["split"] = split
+        elif args.diarization:
+            config = DiarizeConfig() if args.merge_cosine is None else DiarizeConfig(merge_cosine=args.merge_cosine)
+            items = scan(args.data_dir, model.labels).split(split)
+            summary = evaluate_diarization(model, items, args.conversations, config=config, progress=log.info)
+            summary["split"] = split
         elif args.open_set and args.identify:
             summary = evaluate_identification(model, args.data_dir, split)
         elif args.open_set:
@@ -523,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.json or args.parity or args.identify:
         text = json.dumps(summary, indent=2)
+    elif args.diarization:
+        text = format_diarization(summary)
     else:
         text = format_open_set(summary) if args.open_set else format_report(summary, model.labels)
     sys.stdout.write(text + "\n")
