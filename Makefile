@@ -141,6 +141,7 @@ evaluate-open-set: $(STAMP) $(TEACHERS_STAMP) ## the embedding on the open-set t
 bench: $(STAMP) system-deps ## service vs model-only, naive baseline and hardware ceilings, in one run
 	$(PY) -m bench.run
 	$(PY) -m bench.identify
+	$(PY) -m bench.diarize
 
 soak: $(STAMP) system-deps ## RSS after 5,000 requests of mixed lengths; then 32 concurrent 100 MiB uploads in a 2000 MB budget
 	$(PY) -m bench.soak
