@@ -63,6 +63,23 @@ def voice_speech(label: str, index: int = 0) -> torch.Tensor:
     return wave / wave.abs().max() * 0.5
 
 
+def conversation(
+    parts: list[tuple[int, int]], pause_s: float = 0.5
+) -> tuple[torch.Tensor, list[tuple[float, float, int]]]:
+    """``(voice, sentence)`` turns one after another with a pause between: the waveform and the
+    reference turns ``(start, end, voice)`` (each turn from its first to its last audible sample)."""
+    pieces, reference, t = [], [], 0.0
+    gap = torch.zeros(int(pause_s * 16000))
+    for voice, sentence in parts:
+        wave = speech(voice, sentence)
+        loud = torch.nonzero(wave.abs() > 0.01).flatten()
+        wave = wave[int(loud[0]) : int(loud[-1]) + 1]
+        reference.append((t, t + wave.numel() / 16000, voice))
+        pieces += [wave, gap]
+        t += (wave.numel() + gap.numel()) / 16000
+    return torch.cat(pieces), reference
+
+
 def encode(wave: torch.Tensor, fmt: str, rate: int = 16000, channels: int = 1, src_rate: int = 16000) -> bytes:
     """Encode a mono waveform with ffmpeg into ``fmt`` at ``rate`` Hz with ``channels`` channels."""
     args, suffix = FORMATS[fmt]

@@ -18,28 +18,11 @@ from model.diarize import DiarizeConfig, estimate_speakers, turns, windows
 from model.training.data import UNLABELLED, Item
 from model.training.diarization import evaluate_diarization, format_diarization
 from model.training.voices import catalogue
-from tests.conftest import EAGER, SHIPPED_WEIGHTS, Server, speech, wav_bytes
+from tests.conftest import EAGER, SHIPPED_WEIGHTS, Server, conversation, speech, wav_bytes
 from tests.test_client import cli
 
 RATE = 16000
 FRAME_S = 0.01
-
-
-def conversation(
-    parts: list[tuple[int, int]], pause_s: float = 0.5
-) -> tuple[torch.Tensor, list[tuple[float, float, int]]]:
-    """``(voice, sentence)`` turns one after another with a pause between: the waveform and the
-    reference turns ``(start, end, voice)`` (each turn from its first to its last audible sample)."""
-    pieces, reference, t = [], [], 0.0
-    gap = torch.zeros(int(pause_s * RATE))
-    for voice, sentence in parts:
-        wave = speech(voice, sentence)
-        loud = torch.nonzero(wave.abs() > 0.01).flatten()
-        wave = wave[int(loud[0]) : int(loud[-1]) + 1]
-        reference.append((t, t + wave.numel() / RATE, voice))
-        pieces += [wave, gap]
-        t += (wave.numel() + gap.numel()) / RATE
-    return torch.cat(pieces), reference
 
 
 def frames(spans: list[tuple[float, float, object]], duration: float) -> list[object | None]:

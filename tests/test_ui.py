@@ -17,7 +17,7 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from model.training.corpus import LABELS
-from tests.conftest import ROOT, SHIPPED_WEIGHTS, Server, speech, wav_bytes
+from tests.conftest import ROOT, SHIPPED_WEIGHTS, Server, conversation, speech, wav_bytes
 
 SHOTS = ROOT / "runs" / "ui"
 WAIT_MS = 60_000  # a bound for each answer (the first clip of a fresh server is the slowest)
@@ -38,6 +38,11 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         out[name].write_bytes(wav_bytes(speech(label, index)))
     out["mic"] = folder / "mic.wav"  # what the fake microphone plays, in a loop
     out["mic"].write_bytes(wav_bytes(speech(2, 3)))
+    out["talk"] = folder / "talk.wav"  # three voices taking turns: 0, 6, 2, 0, 6, 2
+    out["talk"].write_bytes(wav_bytes(conversation([(0, 2), (6, 3), (2, 4), (0, 5), (6, 6), (2, 7)])[0]))
+    out["v0a"], out["v0b"] = folder / "v0a.wav", folder / "v0b.wav"
+    out["v0a"].write_bytes(wav_bytes(speech(0, 0)))
+    out["v0b"].write_bytes(wav_bytes(speech(0, 1)))
     out["broken"] = folder / "broken.wav"
     out["broken"].write_bytes(b"RIFF this is not audio at all " * 20)
     return out
@@ -146,6 +151,51 @@ def test_enrol_identify_and_delete_a_speaker(page: Page, clips: dict[str, Path])
     page.screenshot(path=SHOTS / "speakers.png", full_page=True)
     entry.get_by_role("button", name=f"Delete {name}").click()
     expect(entry).to_have_count(0, timeout=WAIT_MS)
+
+
+def test_who_spoke_when_draws_the_turns_names_the_enrolled_one_and_plays_a_turn(
+    page: Page, clips: dict[str, Path]
+) -> None:
+    name = "Timeline test speaker"
+    page.fill("#enrol-name", name)
+    page.set_input_files("#enrol-files", [clips["v0a"], clips["v0b"]])
+    page.click("#enrol button[type=submit]")
+    entry = page.locator("#speakers li", has_text=name)
+    expect(entry).to_have_count(1, timeout=WAIT_MS)
+    try:
+        page.set_input_files("#diarize-file", clips["talk"])
+        expect(page.locator("#diarize-result")).to_have_attribute("data-state", "done", timeout=WAIT_MS)
+        legend = page.locator("#diarize-legend li")
+        expect(legend).to_have_count(3)
+        expect(page.locator("#diarize-legend")).to_contain_text(name)  # the enrolled voice, by name
+        turns = page.locator("#timeline .turn")
+        assert turns.count() >= 6
+        speakers = turns.evaluate_all("ts => ts.map(t => t.dataset.speaker)")
+        assert len(set(speakers)) == 3 and speakers[0] == name  # voice 0 speaks first
+        # left to right in time, each block where its turn is
+        starts = turns.evaluate_all("ts => ts.map(t => parseFloat(t.style.left))")
+        assert starts == sorted(starts) and starts[0] < 5
+        page.screenshot(path=SHOTS / "diarize.png", full_page=True)
+        # a click plays that turn: the player jumps to its start and runs
+        second = turns.nth(1)
+        start = float(second.get_attribute("data-start") or "nan")
+        second.click()
+        page.wait_for_function(
+            f"(() => {{ const a = document.getElementById('diarize-audio'); "
+            f"return !a.paused && a.currentTime >= {start} && a.currentTime < {start} + 5; }})()"
+        )
+    finally:
+        entry.get_by_role("button", name=f"Delete {name}").click()
+        expect(entry).to_have_count(0, timeout=WAIT_MS)
+
+
+def test_who_spoke_when_from_the_microphone(page: Page) -> None:
+    page.click("#diarize-record")
+    page.wait_for_function("Number(document.getElementById('diarize-rec-status').dataset.seconds || 0) >= 3")
+    page.click("#diarize-record")
+    expect(page.locator("#diarize-result")).to_have_attribute("data-state", "done", timeout=WAIT_MS)
+    expect(page.locator("#diarize-legend li")).to_have_count(1)  # the one voice the fake microphone plays
+    assert page.locator("#timeline .turn").count() >= 1
 
 
 def test_with_api_keys_the_page_asks_for_a_key_and_uses_it(browser: Browser, clips: dict[str, Path]) -> None:

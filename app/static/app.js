@@ -147,53 +147,56 @@ $("file").addEventListener("change", (ev) => {
   if (file) analyse(file, file.name);
 });
 
-let recorder = null;
-let ticker = null;
-
-async function startRecording() {
-  showError("");
-  let stream;
-  try {
-    stream = await navigator.mediaDevices.getUserMedia({ audio: true });
-  } catch (e) {
-    showError("No microphone: " + e.message);
-    return;
+// A record button: the first click starts recording from the microphone, the second stops it and
+// hands the recording to onDone(blob, filename).
+function recordButton(button, status, onDone) {
+  let recorder = null;
+  let ticker = null;
+  async function startRecording() {
+    showError("");
+    let stream;
+    try {
+      stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+    } catch (e) {
+      showError("No microphone: " + e.message);
+      return;
+    }
+    const type = ["audio/webm;codecs=opus", "audio/webm", "audio/ogg;codecs=opus", "audio/mp4"]
+      .find((t) => window.MediaRecorder && MediaRecorder.isTypeSupported(t));
+    recorder = new MediaRecorder(stream, type ? { mimeType: type } : {});
+    const chunks = [];
+    const started = performance.now();
+    recorder.ondataavailable = (ev) => chunks.push(ev.data);
+    recorder.onstop = () => {
+      stream.getTracks().forEach((t) => t.stop());
+      clearInterval(ticker);
+      const mime = recorder.mimeType || "audio/webm";
+      const ext = mime.includes("ogg") ? "ogg" : mime.includes("mp4") ? "m4a" : "webm";
+      status.textContent = "Recorded " + ((performance.now() - started) / 1000).toFixed(1) + " s";
+      recorder = null;
+      onDone(new Blob(chunks, { type: mime }), "recording." + ext);
+    };
+    recorder.start();
+    button.textContent = "Stop";
+    button.setAttribute("aria-pressed", "true");
+    ticker = setInterval(() => {
+      const seconds = (performance.now() - started) / 1000;
+      status.dataset.seconds = seconds.toFixed(1);
+      status.textContent = "Recording… " + seconds.toFixed(1) + " s";
+    }, 100);
   }
-  const type = ["audio/webm;codecs=opus", "audio/webm", "audio/ogg;codecs=opus", "audio/mp4"]
-    .find((t) => window.MediaRecorder && MediaRecorder.isTypeSupported(t));
-  recorder = new MediaRecorder(stream, type ? { mimeType: type } : {});
-  const chunks = [];
-  const started = performance.now();
-  recorder.ondataavailable = (ev) => chunks.push(ev.data);
-  recorder.onstop = () => {
-    stream.getTracks().forEach((t) => t.stop());
-    clearInterval(ticker);
-    const mime = recorder.mimeType || "audio/webm";
-    const ext = mime.includes("ogg") ? "ogg" : mime.includes("mp4") ? "m4a" : "webm";
-    $("rec-status").textContent = "Recorded " + ((performance.now() - started) / 1000).toFixed(1) + " s";
-    recorder = null;
-    analyse(new Blob(chunks, { type: mime }), "recording." + ext);
-  };
-  recorder.start();
-  const button = $("record");
-  button.textContent = "Stop";
-  button.setAttribute("aria-pressed", "true");
-  ticker = setInterval(() => {
-    const seconds = (performance.now() - started) / 1000;
-    $("rec-status").dataset.seconds = seconds.toFixed(1);
-    $("rec-status").textContent = "Recording… " + seconds.toFixed(1) + " s";
-  }, 100);
+  button.addEventListener("click", () => {
+    if (recorder) {
+      recorder.stop();
+      button.textContent = "Record";
+      button.setAttribute("aria-pressed", "false");
+    } else {
+      startRecording();
+    }
+  });
 }
 
-$("record").addEventListener("click", () => {
-  if (recorder) {
-    recorder.stop();
-    $("record").textContent = "Record";
-    $("record").setAttribute("aria-pressed", "false");
-  } else {
-    startRecording();
-  }
-});
+recordButton($("record"), $("rec-status"), analyse);
 
 // --- compare -------------------------------------------------------------------------------
 
@@ -225,6 +228,93 @@ $("compare").addEventListener("submit", async (ev) => {
     showError(e.message);
   }
 });
+
+// --- who spoke when ------------------------------------------------------------------------
+
+// Distinct colours for speaker labels (colour-blind-safe order), then hues spread evenly.
+const PALETTE = ["#0072b2", "#e69f00", "#009e73", "#cc79a7", "#56b4e9", "#d55e00", "#f0e442", "#000000"];
+function speakerColour(i) {
+  return i < PALETTE.length ? PALETTE[i] : "hsl(" + ((i * 137) % 360) + ", 60%, 45%)";
+}
+
+let turnEnd = null; // where playback of a clicked turn stops
+
+function drawTimeline(d, blob) {
+  const player = $("diarize-audio");
+  if (player.dataset.url) URL.revokeObjectURL(player.dataset.url);
+  player.dataset.url = URL.createObjectURL(blob);
+  player.src = player.dataset.url;
+  const names = {};
+  const legend = $("diarize-legend");
+  legend.replaceChildren();
+  d.speakers.forEach((s, i) => {
+    names[s.label] = { name: s.match ? s.match.name : s.label, colour: speakerColour(i) };
+    const li = document.createElement("li");
+    const swatch = document.createElement("span");
+    swatch.className = "swatch";
+    swatch.style.background = names[s.label].colour;
+    li.append(swatch, names[s.label].name + " (" + s.label + "): " + s.speech_seconds.toFixed(1) + " s" +
+      (s.match ? ", enrolled, score " + s.match.score.toFixed(2) : ""));
+    legend.append(li);
+  });
+  const line = $("timeline");
+  line.replaceChildren();
+  for (const seg of d.segments) {
+    const turn = document.createElement("button");
+    turn.type = "button";
+    turn.className = "turn";
+    turn.style.left = (100 * seg.start) / d.duration + "%";
+    turn.style.width = Math.max(0.3, (100 * (seg.end - seg.start)) / d.duration) + "%";
+    turn.style.background = names[seg.speaker].colour;
+    turn.dataset.speaker = names[seg.speaker].name;
+    turn.dataset.start = seg.start;
+    turn.dataset.end = seg.end;
+    turn.title = names[seg.speaker].name + ", " + seg.start.toFixed(1) + "–" + seg.end.toFixed(1) + " s";
+    turn.setAttribute("aria-label", "Play " + turn.title);
+    turn.addEventListener("click", () => {
+      turnEnd = seg.end;
+      player.currentTime = seg.start;
+      player.play().catch((e) => showError("Cannot play: " + e.message));
+    });
+    line.append(turn);
+  }
+  $("diarize-summary").textContent = d.segments.length
+    ? d.speakers.length + " speakers, " + d.segments.length + " turns in " + d.duration.toFixed(1) + " s. Click a turn to hear it."
+    : "No speech found in " + d.duration.toFixed(1) + " s.";
+}
+
+$("diarize-audio").addEventListener("timeupdate", (ev) => {
+  if (turnEnd !== null && ev.target.currentTime >= turnEnd) {
+    ev.target.pause();
+    turnEnd = null;
+  }
+});
+
+async function diarize(blob, filename) {
+  const out = $("diarize-result");
+  showError("");
+  out.dataset.state = "busy";
+  out.setAttribute("aria-busy", "true");
+  try {
+    const named = !$("speakers-section").hidden;
+    const d = await call("POST", "/diarize" + (named ? "?identify=true" : ""), form([["file", blob, filename]]));
+    drawTimeline(d, blob);
+    out.hidden = false;
+    out.dataset.state = "done";
+  } catch (e) {
+    out.dataset.state = "error";
+    showError(e.message);
+  } finally {
+    out.removeAttribute("aria-busy");
+  }
+}
+
+$("diarize-file").addEventListener("change", (ev) => {
+  const file = ev.target.files[0];
+  if (file) diarize(file, file.name);
+});
+
+recordButton($("diarize-record"), $("diarize-rec-status"), diarize);
 
 // --- speakers ------------------------------------------------------------------------------
 
