@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     window_s: float = Field(default=20.0, gt=1.0, description="long clips are averaged over windows this long")
     diarize_max_duration_s: float = Field(default=3600.0, gt=0, description="longest recording /diarize takes")
     diarize_chunk_windows: int = Field(
-        default=8, ge=1, description="windows of a diarization queued at once; other requests' clips queue between"
+        default=1, ge=1, description="windows of a diarization the worker takes at once, when no other clip waits"
     )
     silence_peak: float = Field(default=1e-4, ge=0, description="clips whose peak is below this are silent")
     max_pending: int = Field(default=32, ge=1, description="clips admitted at once; beyond it: 503 + Retry-After")

@@ -100,7 +100,9 @@ class InferenceService:
         self.budget.set_baseline(peak_rss_bytes() or 0)
         self.metrics.memory_budget.labels(part="baseline").set(self.budget.baseline)
         # trims on the worker's idle schedule (its defaults; bench.soak measures what that bounds)
-        self._worker = BatchingWorker(self._infer_batch, s.batch_clips, self._on_batch, on_idle=trim)
+        self._worker = BatchingWorker(
+            self._infer_batch, s.batch_clips, self._on_batch, on_idle=trim, max_background=s.diarize_chunk_windows
+        )
         m = loaded.manifest
         info = {"name": m.name, "version": m.version, "sha256": m.sha256, "arch": m.architecture}
         self.metrics.model.info({**info, "backend": loaded.backend, "precision": loaded.precision})
@@ -422,8 +424,8 @@ class InferenceService:
         max_speakers: int | None = None,
     ) -> Diarization:
         """Who spoke when (``model/diarize.py``): speech found with the VAD, cut into overlapping
-        windows, embedded through the same worker as every clip, a few windows at a time so that
-        other requests' clips queue between them, then clustered. A recording with no speech has
+        windows, embedded through the same worker as every clip as background jobs (a few windows
+        at a time, only when no other request's clip waits), then clustered. A recording with no speech has
         no turns."""
         loop = asyncio.get_running_loop()
         limit = self.settings.diarize_max_duration_s
@@ -438,14 +440,11 @@ class InferenceService:
         regions = [(a / rate, b / rate) for a, b in found]
         config = DiarizeConfig()
         spans = windows(regions, config)
-        embeddings: list[np.ndarray] = []
-        step = self.settings.diarize_chunk_windows
-        for start in range(0, len(spans), step):
-            futures = [
-                asyncio.wrap_future(self._worker.submit(wave[int(a * rate) : int(b * rate)]))
-                for a, b in spans[start : start + step]
-            ]
-            embeddings.extend(r.embedding.numpy() for r in await asyncio.gather(*futures))
+        # behind every other request: the worker takes a few windows at a time when nothing else waits
+        futures = [
+            asyncio.wrap_future(self._worker.submit_background(wave[int(a * rate) : int(b * rate)])) for a, b in spans
+        ]
+        embeddings = [r.embedding.numpy() for r in await asyncio.gather(*futures)]
         self.metrics.audio_seconds.inc(duration)
         if not embeddings:
             return Diarization(duration, [], 0, [], np.zeros((0, m.manifest.embedding_size), np.float32), 0)

@@ -9,6 +9,7 @@ requests, and the next batch forms while the current one runs.
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -38,6 +39,13 @@ class _Wake:
 WAKE = _Wake()
 
 
+class _Background:
+    """A queue entry that says background work is waiting (in the worker's own deque)."""
+
+
+BACKGROUND = _Background()
+
+
 class BatchingWorker(Generic[In, Out]):
     """``on_batch`` is called with the queue wait (seconds) of each job as a batch starts.
 
@@ -47,6 +55,10 @@ class BatchingWorker(Generic[In, Out]):
     defaults suit the service's ``malloc_trim`` (a few ms): after 50 ms idle, at most every 2 s.
     :meth:`housekeeping_soon` asks for it once more (the service does when its last request has
     released its memory, which can happen after the worker's last idle run).
+
+    Background jobs (:meth:`submit_background`: a diarization's windows) run only when no other
+    job is waiting, at most ``max_background`` at a time, so a request that arrives behind a
+    long background task waits for one small batch at most.
     """
 
     def __init__(
@@ -57,22 +69,32 @@ class BatchingWorker(Generic[In, Out]):
         on_idle: Callable[[], None] | None = None,
         idle_after_s: float = 0.05,
         idle_every_s: float = 2.0,
+        max_background: int | None = None,
     ) -> None:
         self._run = run
         self._max = max_clips
+        self._max_background = max_background or max_clips
+        self._background: collections.deque[_Job[In, Out]] = collections.deque()
         self._on_batch = on_batch
         self._on_idle = on_idle
         self._idle_after_s = idle_after_s
         self._idle_every_s = idle_every_s
         self._worked = False  # work done since on_idle last ran
         self._last_idle = time.monotonic()
-        self._queue: queue.SimpleQueue[_Job[In, Out] | _Wake | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Job[In, Out] | _Wake | _Background | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="infer", daemon=True)
         self._thread.start()
 
     def submit(self, item: In) -> Future[Out]:
         future: Future[Out] = Future()
         self._queue.put(_Job(item, future, time.perf_counter()))
+        return future
+
+    def submit_background(self, item: In) -> Future[Out]:
+        """Queue ``item`` behind every other job, now and to come (see the class docstring)."""
+        future: Future[Out] = Future()
+        self._background.append(_Job(item, future, time.perf_counter()))
+        self._queue.put(BACKGROUND)
         return future
 
     def housekeeping_soon(self) -> None:
@@ -94,7 +116,7 @@ class BatchingWorker(Generic[In, Out]):
         except Exception:
             log.exception("idle housekeeping failed")
 
-    def _next(self) -> _Job[In, Out] | _Wake | None:
+    def _next(self) -> _Job[In, Out] | _Wake | _Background | None:
         if self._worked and self._on_idle is not None:
             try:
                 return self._queue.get(timeout=self._idle_after_s)
@@ -104,24 +126,30 @@ class BatchingWorker(Generic[In, Out]):
 
     def _take(self) -> tuple[list[_Job[In, Out]], bool]:
         first = self._next()
-        if first is None:
-            return [], True
         if isinstance(first, _Wake):
             self._worked = True  # housekeeping after the next idle wait
             return [], False
-        jobs, stop = [first], False
-        while len(jobs) < self._max:
+        jobs: list[_Job[In, Out]] = [] if first is None or isinstance(first, _Background) else [first]
+        stop = first is None
+        while not stop and len(jobs) < self._max:
             try:
                 job = self._queue.get_nowait()
             except queue.Empty:
                 break
             if job is None:
                 stop = True
-                break
-            if isinstance(job, _Wake):
+            elif isinstance(job, _Wake):
                 self._worked = True
-                continue
-            jobs.append(job)
+            elif not isinstance(job, _Background):  # a background entry's job waits in the deque
+                jobs.append(job)
+        if not jobs:  # nothing else waits: a few background jobs
+            while self._background and len(jobs) < self._max_background:
+                jobs.append(self._background.popleft())
+        if stop and self._background:
+            self._queue.put(None)  # asked to stop: the background jobs left first, then stop
+            stop = False
+        if self._background:
+            self._queue.put(BACKGROUND)  # so the rest is taken up once nothing else waits
         return jobs, stop
 
     def _loop(self) -> None:

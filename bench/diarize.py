@@ -7,8 +7,8 @@ A recording of ``--minutes`` is made of four held-out synthetic voices taking tu
 starts with its defaults and the recording is sent to ``/diarize`` twice (the first call warms
 the speech detector and the clustering); the second's wall time over the recording's length is
 the real-time factor. Then one 3 s clip is sent to ``/embed`` ``--calls`` times in a row, alone,
-and again while a diarization of the recording runs beside it: the two medians say how much a
-long diarization slows light requests (its windows go through the worker a few at a time, so
+and again one after another for as long as a diarization of the recording runs beside it: the two
+medians say how much a long diarization slows light requests (its windows go through the worker a few at a time, so
 light requests queue between them). Prints a table and writes ``runs/bench/diarize.json``.
 """
 
@@ -105,19 +105,18 @@ def main(argv: list[str] | None = None) -> int:
                           speakers_found=len(found["speakers"]))  # fmt: skip
             embed_latencies(c, clip, 3)
             alone = embed_latencies(c, clip, args.calls)
-            busy: list[float] = []
-            stop = threading.Event()
+            done = threading.Event()
 
             def diarize_beside() -> None:
                 with httpx.Client(base_url=server.url, timeout=600) as other:
-                    while not stop.is_set():
-                        other.post("/diarize", files=files).raise_for_status()
+                    other.post("/diarize", files=files).raise_for_status()
+                done.set()
 
             worker = threading.Thread(target=diarize_beside, daemon=True)
             worker.start()
-            time.sleep(2.0)  # the diarization is past its decode and speech detection, into its windows
-            busy = embed_latencies(c, clip, args.calls)
-            stop.set()
+            busy: list[float] = []
+            while not done.is_set():  # light calls for the whole diarization: decode, speech, windows, clusters
+                busy += embed_latencies(c, clip, 1)
             worker.join(timeout=600)
     finally:
         server.stop()
@@ -127,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         embed_p50_ms_beside_diarize=round(1000 * p50_busy, 1),
         embed_p50_ratio=round(p50_busy / p50_alone, 2),
         embed_p90_ms_beside_diarize=round(1000 * float(np.percentile(busy, 90)), 1),
+        embed_calls_beside_diarize=len(busy),
     )
     print(f"/diarize on a {args.minutes:g}-minute recording, CPU capability {result['cpu_capability']}")
     found_of = f"{result['speakers_found']} speakers found of 4"

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -27,11 +29,53 @@ class VadConfig:
     pad_ms: int = 30  # kept each side of a region
 
 
-class SpeechDetector:
-    """Silero VAD's model, loaded once. Its model keeps state between 32 ms chunks, so calls are
-    serialised with a lock; make one detector per process."""
+class _OpenVinoSilero:
+    """Silero VAD's OpenVINO graph (``silero_vad_openvino_16k.onnx`` in the wheel) on one CPU
+    thread, callable as ``get_speech_timestamps`` calls its model: a 512-sample chunk in, the
+    speech probability out, the recurrent state and 64 samples of context kept between calls.
+    One thread, so that finding speech beside the service's inference takes one core, not all."""
 
-    def __init__(self, config: VadConfig | None = None) -> None:
+    CONTEXT = 64
+
+    def __init__(self, compiled: Any) -> None:
+        self._request = compiled.create_infer_request()
+        self.reset_states()
+
+    @classmethod
+    def load(cls) -> _OpenVinoSilero | None:
+        try:
+            import openvino as ov
+            import silero_vad
+        except ImportError:
+            return None
+        path = Path(silero_vad.__file__).parent / "data" / "silero_vad_openvino_16k.onnx"
+        if not path.is_file():
+            return None
+        options = {"INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY"}
+        compiled = ov.Core().compile_model(str(path), "CPU", options)
+        return cls(compiled)
+
+    def reset_states(self, batch_size: int = 1) -> None:
+        self._state = np.zeros((2, 1, 128), dtype=np.float32)
+        self._context = np.zeros((1, self.CONTEXT), dtype=np.float32)
+
+    def __call__(self, chunk: Tensor, sample_rate: int) -> Tensor:
+        if sample_rate != SAMPLE_RATE:
+            raise ValueError(f"this graph runs at {SAMPLE_RATE} Hz")
+        x = np.concatenate([self._context, chunk.reshape(1, -1).numpy().astype(np.float32)], axis=1)
+        out = self._request.infer({"input": x, "state": self._state})
+        self._state = np.array(out["stateN"], dtype=np.float32)
+        self._context = x[:, -self.CONTEXT :]
+        return torch.from_numpy(np.array(out["output"], dtype=np.float32))
+
+
+class SpeechDetector:
+    """Silero VAD's model, loaded once: its OpenVINO graph on one thread where OpenVINO is
+    installed (``backend="auto"``), else (or with ``backend="torch"``) its TorchScript model. The
+    model keeps state between 32 ms chunks, so calls are serialised with a lock; make one
+    detector per process."""
+
+    def __init__(self, config: VadConfig | None = None, backend: str = "auto") -> None:
         self.config = config or VadConfig()
         # silero_vad sets torch's thread count to 1 when imported: keep the caller's
         threads = torch.get_num_threads()
@@ -40,7 +84,10 @@ class SpeechDetector:
         finally:
             torch.set_num_threads(threads)
         self._timestamps = get_speech_timestamps
-        self._model: Any = load_silero_vad()
+        self._model: Any = _OpenVinoSilero.load() if backend != "torch" else None
+        if self._model is None:
+            self._model = load_silero_vad()
+        self.backend = "torch" if isinstance(self._model, torch.nn.Module) else "openvino"
         self._lock = threading.Lock()
 
     @torch.inference_mode()

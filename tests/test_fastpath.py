@@ -101,6 +101,32 @@ def test_worker_takes_what_is_queued_as_one_batch_and_isolates_a_failing_batch()
     worker.close(5)
 
 
+def test_background_jobs_wait_for_every_other_job_and_go_a_few_at_a_time():
+    """A diarization's windows (background) never hold up a request that arrives behind them
+    for more than one small batch, and all of them are served, also when the worker is closed."""
+    batches: list[list[int]] = []
+    gate, started = threading.Event(), threading.Event()
+
+    def run(items: list[int]) -> list[int]:
+        started.set()
+        gate.wait(10)
+        batches.append(items)
+        return items
+
+    worker: BatchingWorker[int, int] = BatchingWorker(run, max_clips=8, max_background=2)
+    background = [worker.submit_background(100 + i) for i in range(7)]
+    assert started.wait(10)  # the first two background jobs are running
+    light = [worker.submit(i) for i in range(3)]  # requests arriving behind the other five
+    gate.set()
+    assert [f.result(5) for f in light] == [0, 1, 2]
+    assert [f.result(5) for f in background] == list(range(100, 107))
+    assert batches[0] == [100, 101] and batches[1] == [0, 1, 2]  # served next, before the rest
+    assert all(len(b) <= 2 for b in batches[2:]) and [i for b in batches[2:] for i in b] == list(range(102, 107))
+    late = [worker.submit_background(i) for i in range(5)]
+    worker.close(5)  # closing finishes the background jobs still queued
+    assert [f.result(5) for f in late] == list(range(5))
+
+
 def test_worker_housekeeping_waits_for_a_quiet_queue_and_still_runs_under_steady_load():
     events: list[str] = []
 

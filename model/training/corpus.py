@@ -489,7 +489,7 @@ _detector: SpeechDetector | None = None
 
 def _detect(path: Path) -> list[tuple[int, int]]:
     global _detector  # one Silero model per worker process
-    _detector = _detector or SpeechDetector()
+    _detector = _detector or SpeechDetector(backend="torch")  # the model the corpus was first made with
     return _detector.regions(load(path, SAMPLE_RATE))
 
 
