@@ -103,8 +103,8 @@ def test_rttm_answer_carries_the_same_turns(served, three_voices):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     segments = []
     for line in r.text.splitlines():
-        kind, _, channel, onset, dur, _, _, who, _, _ = line.split(" ")
-        assert kind == "SPEAKER" and channel == "1"
+        kind, file_id, channel, onset, dur, _, _, who, _, _ = line.split(" ")
+        assert kind == "SPEAKER" and file_id == "talk" and channel == "1"
         segments.append({"start": float(onset), "end": float(onset) + float(dur), "speaker": who})
     assert speaker_error(reference, segments, wave.numel() / RATE) <= 0.1
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import PurePath
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -64,13 +65,16 @@ async def diarize(
         require_threshold(service)
         threshold = service.identify_threshold
 
+    sent: list[str] = []
+
     async def work(upload: Any, intake: Any) -> Diarization:
+        sent.append(upload.filename or "")
         return await service.diarize(upload, intake, num_speakers, low, high)
 
     found = await one_clip(request, service, settings.max_files, work, max_seconds=settings.diarize_max_duration_s)
     names = [label(k) for k in range(found.speakers)]
     if format == "rttm":
-        name = request.headers.get("x-filename") or "audio"
+        name = request.headers.get("x-filename") or PurePath(sent[0] if sent else "").stem or "audio"
         return PlainTextResponse(rttm(found.turns, names, name), media_type="text/plain; charset=utf-8")
     matches: list[dict[str, Any] | None] = [None] * found.speakers
     if identify and found.speakers:
