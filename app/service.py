@@ -29,7 +29,7 @@ from app.metrics import Metrics
 from app.uploads import Intake, Upload
 from app.worker import BatchingWorker
 from model.audio import AudioError, AudioTooLongError, decode_mono
-from model.diarize import DiarizeConfig, Turn, estimate_speakers, turns, windows
+from model.diarize import MAX_SPEAKERS, Diarization, DiarizeConfig, diarize, windows
 from model.speech import SpeechDetector
 
 log = logging.getLogger(__name__)
@@ -47,16 +47,6 @@ class ClipResult:
     # centroid and whether it reaches the calibrated known-voice threshold
     known_score: float | None = None
     known: bool | None = None
-
-
-@dataclass
-class Diarization:
-    duration_s: float
-    turns: list[Turn]  # sorted by start; speaker 0, 1, ... in order of first appearance
-    speakers: int
-    speech_s: list[float]  # per speaker, the seconds of its turns
-    embeddings: np.ndarray  # (speakers, E): each speaker's mean window embedding
-    windows: int
 
 
 @dataclass
@@ -446,16 +436,8 @@ class InferenceService:
         ]
         embeddings = [r.embedding.numpy() for r in await asyncio.gather(*futures)]
         self.metrics.audio_seconds.inc(duration)
-        if not embeddings:
-            return Diarization(duration, [], 0, [], np.zeros((0, m.manifest.embedding_size), np.float32), 0)
-        x = np.stack(embeddings)
-        hi = max_speakers if max_speakers is not None else len(x)
-        labels = await loop.run_in_executor(
-            self._decode_pool, estimate_speakers, x, num_speakers, min_speakers, hi, config
+        x = np.stack(embeddings) if embeddings else np.zeros((0, m.manifest.embedding_size), np.float32)
+        hi = max_speakers if max_speakers is not None else MAX_SPEAKERS
+        return await loop.run_in_executor(
+            self._decode_pool, diarize, duration, regions, spans, x, num_speakers, min_speakers, hi, config
         )
-        found_turns = turns(regions, spans, labels)
-        count = int(labels.max()) + 1
-        unit = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        means = np.stack([unit[labels == k].mean(axis=0) for k in range(count)]).astype(np.float32)
-        speech = [sum(t.duration for t in found_turns if t.speaker == k) for k in range(count)]
-        return Diarization(duration, found_turns, count, speech, means, len(spans))

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import scipy.linalg
 from sklearn.cluster import KMeans
 
 MAX_SPEAKERS = 20  # the most speakers /diarize will look for
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass(frozen=True)
@@ -146,14 +149,11 @@ def _by_first_appearance(labels: np.ndarray) -> np.ndarray:
     return np.array([order[v] for v in labels.tolist()], dtype=np.int64)
 
 
-def turns(
-    regions: list[tuple[float, float]], wins: list[tuple[float, float]], labels: np.ndarray, min_gap_s: float = 0.0
-) -> list[Turn]:
+def turns(regions: list[tuple[float, float]], wins: list[tuple[float, float]], labels: np.ndarray) -> list[Turn]:
     """Speaker turns: every speech region is split among the windows' speakers, each instant
     taking the speaker of the window whose centre is nearest (so a change falls halfway between
-    the centres of two windows that disagree); consecutive pieces of one speaker separated by at
-    most ``min_gap_s`` of silence are joined. Regions with no window take their nearest window's
-    speaker. Sorted by start."""
+    the centres of two windows that disagree); touching pieces of one speaker are joined. Regions
+    with no window take their nearest window's speaker. Sorted by start."""
     if not wins:
         return []
     centres = np.array([(a + b) / 2 for a, b in wins])
@@ -176,11 +176,60 @@ def turns(
         pieces.append(Turn(t, end, int(speakers[inside[-1]])))
     joined: list[Turn] = []
     for p in sorted(pieces, key=lambda p: p.start):
-        if joined and joined[-1].speaker == p.speaker and p.start - joined[-1].end <= min_gap_s:
+        if joined and joined[-1].speaker == p.speaker and p.start <= joined[-1].end:
             joined[-1] = Turn(joined[-1].start, max(joined[-1].end, p.end), p.speaker)
         elif p.end > p.start:
             joined.append(p)
     return joined
+
+
+@dataclass(frozen=True)
+class Diarization:
+    duration_s: float
+    turns: list[Turn]  # sorted by start
+    speech_s: list[float]  # per speaker (0, 1, ... in order of first speech), the seconds of its turns
+    embeddings: np.ndarray  # (speakers, E): each speaker's mean unit window embedding
+
+    @property
+    def speakers(self) -> int:
+        return len(self.speech_s)
+
+
+def diarize(
+    duration_s: float,
+    regions: list[tuple[float, float]],
+    wins: list[tuple[float, float]],
+    embeddings: np.ndarray,
+    num_speakers: int | None = None,
+    min_speakers: int = 1,
+    max_speakers: int = MAX_SPEAKERS,
+    config: DiarizeConfig | None = None,
+) -> Diarization:
+    """What follows the windows' embeddings ``(len(wins), E)``: speakers, turns, each speaker's
+    speech seconds and mean embedding (what /diarize and its evaluation both do)."""
+    labels = estimate_speakers(embeddings, num_speakers, min_speakers, max_speakers, config)
+    found = turns(regions, wins, labels)
+    count = int(labels.max()) + 1 if len(labels) else 0
+    unit = _unit(np.asarray(embeddings, dtype=np.float32))
+    means = np.stack([unit[labels == k].mean(axis=0) for k in range(count)]) if count else unit[:0]
+    speech = [sum(t.duration for t in found if t.speaker == k) for k in range(count)]
+    return Diarization(duration_s, found, speech, means.astype(np.float32))
+
+
+def name_speakers(candidates: Sequence[Sequence[tuple[K, float]]], threshold: float) -> list[K | None]:
+    """Each speaker's name among ``candidates[speaker]`` (profile, score) pairs: the best-scoring
+    pairs first, at ``threshold`` or above, each profile naming one speaker at most."""
+    pairs = sorted(
+        ((score, k, key) for k, options in enumerate(candidates) for key, score in options if score >= threshold),
+        key=lambda p: -p[0],
+    )
+    names: list[K | None] = [None] * len(candidates)
+    taken: set[K] = set()
+    for _, k, key in pairs:
+        if names[k] is None and key not in taken:
+            names[k] = key
+            taken.add(key)
+    return names
 
 
 def rttm(turns_: list[Turn], names: list[str], file_id: str = "audio") -> str:

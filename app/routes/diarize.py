@@ -14,8 +14,8 @@ from app.errors import ApiError
 from app.routes.inference import audio_body, one_clip
 from app.routes.speakers import SPEAKER_ERRORS, SpeakersDep, require_threshold, search
 from app.schemas import DiarizeResponse
-from app.service import Diarization
-from model.diarize import MAX_SPEAKERS, rttm
+from app.uploads import Intake, Upload
+from model.diarize import MAX_SPEAKERS, Diarization, name_speakers, rttm
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["diarization"])
@@ -65,31 +65,24 @@ async def diarize(
         require_threshold(service)
         threshold = service.identify_threshold
 
-    sent: list[str] = []
+    async def work(upload: Upload, intake: Intake) -> tuple[str, Diarization]:
+        return upload.filename or "", await service.diarize(upload, intake, num_speakers, low, high)
 
-    async def work(upload: Any, intake: Any) -> Diarization:
-        sent.append(upload.filename or "")
-        return await service.diarize(upload, intake, num_speakers, low, high)
-
-    found = await one_clip(request, service, settings.max_files, work, max_seconds=settings.diarize_max_duration_s)
+    max_s = settings.diarize_max_duration_s
+    filename, found = await one_clip(request, service, settings.max_files, work, max_seconds=max_s)
     names = [label(k) for k in range(found.speakers)]
     if format == "rttm":
-        name = request.headers.get("x-filename") or PurePath(sent[0] if sent else "").stem or "audio"
-        return PlainTextResponse(rttm(found.turns, names, name), media_type="text/plain; charset=utf-8")
+        file_id = request.headers.get("x-filename") or PurePath(filename).stem or "audio"
+        return PlainTextResponse(rttm(found.turns, names, file_id), media_type="text/plain; charset=utf-8")
     matches: list[dict[str, Any] | None] = [None] * found.speakers
     if identify and found.speakers:
         assert threshold is not None
         best, _ = await search(request, service, settings, speakers, list(found.embeddings), top_k=found.speakers)
-        # each profile names at most one speaker: the best-scoring pairs first
-        pairs = sorted(
-            ((m["score"], k, m) for k, ms in enumerate(best) for m in ms if m["score"] >= threshold),
-            key=lambda p: -p[0],
-        )
-        taken: set[str] = set()
-        for _, k, m in pairs:
-            if matches[k] is None and m["id"] not in taken:
+        chosen = name_speakers([[(m["id"], m["score"]) for m in ms] for ms in best], threshold)
+        for k, pid in enumerate(chosen):
+            if pid is not None:
+                m = next(m for m in best[k] if m["id"] == pid)  # this speaker's score against that profile
                 matches[k] = {"id": m["id"], "name": m["name"], "score": m["score"]}
-                taken.add(m["id"])
     return {
         "duration": round(found.duration_s, 3),
         "speakers": [

@@ -30,7 +30,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from model.audio import resample
-from model.diarize import DiarizeConfig, Turn, estimate_speakers, turns, windows
+from model.diarize import Diarization, DiarizeConfig, Turn, diarize, name_speakers, windows
 from model.runtime import EmbeddingModel
 from model.speech import SpeechDetector
 from model.training.data import Item, load_waves
@@ -147,22 +147,15 @@ def _speech_of(pool: list[Tensor], length: int, rng: random.Random) -> Tensor:
 
 
 def diarize_wave(
-    model: EmbeddingModel,
-    detector: SpeechDetector,
-    wave: Tensor,
-    config: DiarizeConfig | None = None,
-    num_speakers: int | None = None,
-) -> tuple[list[Turn], np.ndarray, np.ndarray]:
-    """What ``/diarize`` does, in one process: turns, the windows' labels and embeddings."""
+    model: EmbeddingModel, detector: SpeechDetector, wave: Tensor, config: DiarizeConfig | None = None
+) -> Diarization:
+    """What ``/diarize`` does, in one process (the windows batched 16 to a forward pass)."""
     config = config or DiarizeConfig()
     regions = [(a / RATE, b / RATE) for a, b in detector.regions(wave, RATE)]
     spans = windows(regions, config)
-    if not spans:
-        return [], np.zeros(0, dtype=np.int64), np.zeros((0, model.manifest.embedding_size), np.float32)
     results = model.infer_many([wave[int(a * RATE) : int(b * RATE)] for a, b in spans], batch_windows=16)
-    x = torch.stack([r.embedding for r in results]).numpy()
-    labels = estimate_speakers(x, num_speakers=num_speakers, config=config)
-    return turns(regions, spans, labels), labels, x
+    x = torch.stack([r.embedding for r in results]).numpy() if results else np.zeros((0, model.manifest.embedding_size))
+    return diarize(wave.numel() / RATE, regions, spans, x, config=config)
 
 
 def score(reference: list[tuple[float, float, str]], found: list[Turn], duration: float) -> dict[str, float]:
@@ -181,13 +174,7 @@ def score(reference: list[tuple[float, float, str]], found: list[Turn], duration
 
 
 def named_speech(
-    model: EmbeddingModel,
-    conversation: Conversation,
-    found: list[Turn],
-    labels: np.ndarray,
-    x: np.ndarray,
-    threshold: float,
-    enrolled: list[str],
+    model: EmbeddingModel, conversation: Conversation, found: Diarization, threshold: float, enrolled: list[str]
 ) -> dict[str, float]:
     """Enrol ``enrolled`` from their kept-out clips, name the found speakers as /diarize does
     (each speaker's mean window embedding against the voiceprints, at ``threshold``, each profile
@@ -199,23 +186,16 @@ def named_speech(
             for v in enrolled
         ]
     )
-    count = int(labels.max()) + 1 if len(labels) else 0
-    unit = F.normalize(torch.from_numpy(x), dim=-1)
-    means = torch.stack([unit[torch.from_numpy(labels == k)].mean(0) for k in range(count)]) if count else unit[:0]
-    names: dict[int, str] = {}
-    if count:
-        scores, _ = model.verification_scores(means, prints)
-        pairs = sorted(((float(scores[k, j]), k, j) for k in range(count) for j in range(len(enrolled))), reverse=True)
-        taken: set[int] = set()
-        for s, k, j in pairs:
-            if s >= threshold and k not in names and j not in taken:
-                names[k] = enrolled[j]
-                taken.add(j)
+    chosen: list[str | None] = [None] * found.speakers
+    if found.speakers:
+        scores, _ = model.verification_scores(torch.from_numpy(found.embeddings), prints)
+        candidates = [[(v, float(scores[k, j])) for j, v in enumerate(enrolled)] for k in range(found.speakers)]
+        chosen = name_speakers(candidates, threshold)
     step = 0.01
     length = int(conversation.wave.numel() / RATE / step) + 1
     given = np.full(length, "", dtype=object)
-    for t in found:
-        given[int(t.start / step) : int(t.end / step)] = names.get(t.speaker, "")
+    for t in found.turns:
+        given[int(t.start / step) : int(t.end / step)] = chosen[t.speaker] or ""
     own = total = wrong = 0.0
     for start, end, voice in conversation.reference:
         span = given[int(start / step) : int(end / step)]
@@ -250,16 +230,16 @@ def evaluate_diarization(
         naming = {"enrolled_s": 0.0, "named_right_s": 0.0, "others_named_s": 0.0, "others_s": 0.0}
         per: list[dict[str, Any]] = []
         for conv in convs:
-            found, labels, x = diarize_wave(model, detector, conv.wave, config)
-            s = score(conv.reference, found, conv.wave.numel() / RATE)
+            found = diarize_wave(model, detector, conv.wave, config)
+            s = score(conv.reference, found.turns, found.duration_s)
             for k in parts:
                 parts[k] += s[k]
             speakers = len({v for _, _, v in conv.reference})
-            got = len({t.speaker for t in found})
+            got = found.speakers
             right_count += got == speakers
             if threshold is not None:
                 enrolled = sorted({v for _, _, v in conv.reference})[:2]
-                named = named_speech(model, conv, found, labels, x, threshold, enrolled)
+                named = named_speech(model, conv, found, threshold, enrolled)
                 for k in named:
                     naming[k] += named[k]
                 naming["others_s"] += sum(e - b for b, e, v in conv.reference if v not in enrolled)
