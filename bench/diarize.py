@@ -2,28 +2,26 @@
 
     .venv/bin/python -m bench.diarize [--minutes 10] [--calls 30]
 
-A recording of ``--minutes`` is made of four held-out synthetic voices taking turns of 2 to 8 s
+A recording of ``--minutes`` is made of four open-set validation voices taking turns of 2 to 8 s
 (the corpus's own synthesiser, fresh sentences; written once to ``data/bench/``). The service
 starts with its defaults and the recording is sent to ``/diarize`` twice (the first call warms
 the speech detector and the clustering); the second's wall time over the recording's length is
 the real-time factor. Then one 3 s clip is sent to ``/embed`` ``--calls`` times in a row, alone,
 and again one after another for as long as a diarization of the recording runs beside it: the two
-medians say how much a long diarization slows light requests (its windows go through the worker a few at a time, so
-light requests queue between them). Prints a table and writes ``runs/bench/diarize.json``.
+medians say how much a long diarization slows light requests (its windows are background jobs of
+the inference worker, taken only when no other clip waits). Prints a table and writes
+``runs/bench/diarize.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import random
 import statistics
 import sys
-import tempfile
 import threading
 import time
-import wave
 from pathlib import Path
 from typing import Any
 
@@ -33,23 +31,23 @@ import torch
 
 from bench.clips import ensure
 from bench.run import ROOT, Server
+from model.training.corpus import encode
+from model.training.data import UNLABELLED, Item
+from model.training.diarization import voice_pools
+from model.training.voices import catalogue
 
 RATE = 16000
 
 
 def recording(path: Path, minutes: float, seed: int = 0) -> Path:
-    """``minutes`` of four held-out synthetic voices taking turns, as 16-bit WAV (made once)."""
+    """``minutes`` of four validation voices taking turns, as 16-bit WAV (made once). Validation
+    voices, not test voices: this is where settings are chosen (DIARIZE_CHUNK_WINDOWS was)."""
     if path.exists():
         return path
-    from model.training.corpus import SENTENCE_POOL, speak, voice_named
-    from model.training.sentences import sentences
-    from model.training.voices import catalogue
-
-    voices = [v.label for v in catalogue() if v.role == "open-test"][:4]
-    text = sentences(40, salt="bench-diarize", exclude=sentences(SENTENCE_POOL))
+    voices = [v.label for v in catalogue() if v.role == "open-val"][:4]
+    items = [Item(Path(f"{v}.wav"), UNLABELLED, "open-val", voice=v) for v in voices]
+    pool = voice_pools(items, "synthetic", per_voice=8, seed=seed)
     rng = random.Random(seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        pool = {v: [speak(voice_named(v), t, 1.0, 0, Path(tmp)) for t in rng.sample(text, 8)] for v in voices}
     pieces, total, previous = [], 0, ""
     while total < minutes * 60 * RATE:
         voice = rng.choice([v for v in voices if v != previous])
@@ -59,15 +57,8 @@ def recording(path: Path, minutes: float, seed: int = 0) -> Path:
         total += turn.numel() + gap.numel()
         previous = voice
     audio = torch.cat(pieces)[: int(minutes * 60 * RATE)]
-    pcm = (audio / audio.abs().max() * 0.5 * 32767).to(torch.int16).numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(RATE)
-        w.writeframes(pcm.tobytes())
-    path.write_bytes(buf.getvalue())
+    encode(audio / audio.abs().max() * 0.5, RATE, "wav", path)
     return path
 
 
@@ -89,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=ROOT / "runs" / "bench" / "diarize.json")
     args = parser.parse_args(argv)
     (ROOT / "runs" / "bench").mkdir(parents=True, exist_ok=True)
-    long = recording(ROOT / "data" / "bench" / f"conversation-{args.minutes:g}min.wav", args.minutes).read_bytes()
+    long = recording(ROOT / "data" / "bench" / f"conversation-val-{args.minutes:g}min.wav", args.minutes).read_bytes()
     clip = ensure(ROOT / "data" / "bench", "3s")[0].read_bytes()
     server = Server("diarize", [sys.executable, "-m", "app"], {"LOG_LEVEL": "WARNING"})
     result: dict[str, Any] = {"minutes": args.minutes, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
