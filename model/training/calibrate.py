@@ -266,11 +266,12 @@ def calibrate(
         counted["eer_cosine"] = open_val["eer_cosine"]
     info["verification"] = verification_info(open_val, source, counted, target_far)
     if per_group:
+        voice_ids = {v: i for i, v in enumerate(sorted(set(voices)))}
 
         def rates(idx: list[int]) -> dict[str, float]:
             """False accepts and rejects at the threshold kept, over the pairs of the clips ``idx``."""
             sub = torch.tensor(idx)
-            labels = torch.tensor([sorted(set(voices)).index(voices[i]) for i in idx])
+            labels = torch.tensor([voice_ids[voices[i]] for i in idx])
             scores, same = all_pairs(
                 open_val_emb[sub], labels, statistics=None if statistics is None else statistics[sub],
                 segments=segment_ids([segments[i] for i in idx]),
@@ -366,14 +367,14 @@ def identify_threshold(
             trials[name] = identification_trials(score, emb, items, group, IDENTIFY_ENROL_CLIPS)
         except ValueError:  # no voice with the clips to enrol in this group
             continue
+    if not trials:
+        return None
     threshold = verification_threshold
     for t in trials.values():
         if len(t.stranger_best):
             ranked = t.stranger_best.sort(descending=True).values
             k = int(far * len(ranked))  # the k best-scoring strangers may be named
             threshold = max(threshold, float(torch.nextafter(ranked[k], torch.tensor(float("inf")))))
-    if not trials:
-        return None
     info["identify"] = {
         "source": f"open-set validation voices, every other one enrolled from {IDENTIFY_ENROL_CLIPS} clips, naming at "
         f"most {far:.0%} of the never-enrolled voices' clips (synthetic and real voices each, the strictest kept), "
