@@ -30,7 +30,7 @@ from typing import Any
 from tqdm import tqdm
 
 from client.api import AsyncClient, Client
-from client.results import Classification, Diarization, Embedding, Identification, ServiceError
+from client.results import Classification, Diarization, Embedding, Identification, ServiceError, rttm_lines
 
 AUDIO_SUFFIXES = frozenset(
     [
@@ -219,12 +219,8 @@ def diarize_row(r: Diarization) -> dict[str, Any]:
 
 def rttm_of(row: dict[str, Any]) -> str:
     """A diarize row as RTTM lines: the file's stem as its id, enrolled names where matched."""
-    file_id = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in Path(row["path"]).stem) or "audio"
     names = {s["label"]: s["name"] or s["label"] for s in row["speakers"]}
-    return "".join(
-        f"SPEAKER {file_id} 1 {t['start']:.3f} {t['end'] - t['start']:.3f} <NA> <NA> {names[t['speaker']]} <NA> <NA>\n"
-        for t in row["segments"]
-    )
+    return rttm_lines(Path(row["path"]).stem, [(t["start"], t["end"], names[t["speaker"]]) for t in row["segments"]])
 
 
 EMPTY: dict[str, dict[str, Any]] = {

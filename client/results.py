@@ -222,8 +222,10 @@ class Diarization:
 
     def rttm(self, file_id: str = "audio") -> str:
         """The turns as NIST RTTM lines, speakers by enrolled name where named."""
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in file_id) or "audio"
-        return "".join(
-            f"SPEAKER {safe} 1 {t.start:.3f} {t.end - t.start:.3f} <NA> <NA> {self.name_of(t.speaker)} <NA> <NA>\n"
-            for t in self.segments
-        )
+        return rttm_lines(file_id, [(t.start, t.end, self.name_of(t.speaker)) for t in self.segments])
+
+
+def rttm_lines(file_id: str, turns: list[tuple[float, float, str]]) -> str:
+    """NIST RTTM: one ``SPEAKER`` line per ``(start, end, name)`` turn of the file ``file_id``."""
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in file_id) or "audio"
+    return "".join(f"SPEAKER {safe} 1 {a:.3f} {b - a:.3f} <NA> <NA> {name} <NA> <NA>\n" for a, b, name in turns)
