@@ -120,26 +120,32 @@ function drawSpectrogram(s) {
     ", low frequencies at the bottom.";
 }
 
-async function analyse(blob, filename) {
-  const result = $("result");
+// Runs work() with the panel `out` marked busy; then shows it done, or shows the error.
+async function withState(out, work) {
   showError("");
-  result.dataset.state = "busy";
-  result.setAttribute("aria-busy", "true");
+  out.dataset.state = "busy";
+  out.setAttribute("aria-busy", "true");
   try {
+    await work();
+    out.hidden = false;
+    out.dataset.state = "done";
+  } catch (e) {
+    out.dataset.state = "error";
+    showError(e.message);
+  } finally {
+    out.removeAttribute("aria-busy");
+  }
+}
+
+function analyse(blob, filename) {
+  return withState($("result"), async () => {
     const [c, s] = await Promise.all([
       call("POST", "/classify?top_k=9", form([["file", blob, filename]])),
       call("POST", "/spectrogram", form([["file", blob, filename]])),
     ]);
     showClassification(c);
     drawSpectrogram(s);
-    result.hidden = false;
-    result.dataset.state = "done";
-  } catch (e) {
-    result.dataset.state = "error";
-    showError(e.message);
-  } finally {
-    result.removeAttribute("aria-busy");
-  }
+  });
 }
 
 $("file").addEventListener("change", (ev) => {
@@ -290,23 +296,12 @@ $("diarize-audio").addEventListener("timeupdate", (ev) => {
   }
 });
 
-async function diarize(blob, filename) {
-  const out = $("diarize-result");
-  showError("");
-  out.dataset.state = "busy";
-  out.setAttribute("aria-busy", "true");
-  try {
+function diarize(blob, filename) {
+  return withState($("diarize-result"), async () => {
     const named = !$("speakers-section").hidden;
     const d = await call("POST", "/diarize" + (named ? "?identify=true" : ""), form([["file", blob, filename]]));
     drawTimeline(d, blob);
-    out.hidden = false;
-    out.dataset.state = "done";
-  } catch (e) {
-    out.dataset.state = "error";
-    showError(e.message);
-  } finally {
-    out.removeAttribute("aria-busy");
-  }
+  });
 }
 
 $("diarize-file").addEventListener("change", (ev) => {
