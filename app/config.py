@@ -10,6 +10,9 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parents[1]
+# Seconds of speech an enrolment needs before its voiceprint identifies as well as a long one does
+# (within 1 point of identification accuracy, measured on validation speakers: docs/api.md).
+MIN_ENROL_SPEECH_S = 12.0
 
 
 class Settings(BaseSettings):
@@ -47,6 +50,16 @@ class Settings(BaseSettings):
         default=1, ge=1, description="windows of a diarization the worker takes at once, when no other clip waits"
     )
     silence_peak: float = Field(default=1e-4, ge=0, description="clips whose peak is below this are silent")
+    min_enrol_speech_s: float = Field(
+        default=MIN_ENROL_SPEECH_S,
+        ge=0,
+        description="speech a speaker profile needs for a reliable voiceprint (measured: docs/api.md)",
+    )
+    require_speech: bool = Field(
+        default=True,
+        description="a clip in which voice activity detection finds no speech gets 422 no_speech where an embedding "
+        "is asked; false embeds any sound",
+    )
     max_pending: int = Field(default=32, ge=1, description="clips admitted at once; beyond it: 503 + Retry-After")
     memory_budget_mb: int | None = Field(
         default=None,

@@ -29,11 +29,16 @@ class Processing(BaseModel):
     input_channels: int
 
 
+def speech_field() -> Any:
+    return Field(description="seconds of speech in the clip, found by voice activity detection (Silero VAD)")
+
+
 class EmbedResponse(BaseModel):
     embedding: list[float] = Field(description="the fc layer's output")
     dim: int
     normalized: bool
     duration_s: float
+    speech_seconds: float = speech_field()
     processing: Processing
     model: ModelRef
 
@@ -63,6 +68,7 @@ class ClassifyResponse(BaseModel):
     )
     known_threshold: float | None = Field(None, description="known_score at or above this: one of the classes")
     duration_s: float
+    speech_seconds: float = speech_field()
     processing: Processing
     embedding: list[float] | None = None
     model: ModelRef
@@ -87,6 +93,7 @@ class VerifyResponse(BaseModel):
     same_speaker: bool
     threshold: float
     duration_s: dict[str, float]
+    speech_seconds: dict[str, float] = Field(description="seconds of speech in 'a' and 'b' (voice activity detection)")
     model: ModelRef
 
 
@@ -110,6 +117,14 @@ class SpeakerOut(BaseModel):
     metadata: dict[str, Any]
     clips: int = Field(description="clips in the profile; each counts once in the voiceprint")
     seconds: float = Field(description="audio in those clips")
+    speech_seconds: float | None = Field(
+        description="speech in those clips (voice activity detection); null for a profile enrolled before it was "
+        "measured"
+    )
+    enough_speech: bool | None = Field(
+        description="whether speech_seconds reaches MIN_ENROL_SPEECH_S (GET /v1/model's limits), the speech a "
+        "reliable voiceprint needs; add clips until it does"
+    )
     created_at: str
     updated_at: str
     model: ModelRef = Field(description="the weights that made the profile's embeddings")

@@ -47,6 +47,7 @@ class ClipResult:
     # centroid and whether it reaches the calibrated known-voice threshold
     known_score: float | None = None
     known: bool | None = None
+    speech_s: float = 0.0  # seconds of speech the VAD found
 
 
 @dataclass
@@ -80,7 +81,7 @@ class InferenceService:
         s = self.settings
         loaded = model.load(weights_dir).configure(s.precision, s.channels_last, s.backend)
         self._warm_up(loaded)
-        self._speech = SpeechDetector()
+        self._speech = SpeechDetector(instances=2)  # one per decode thread
         self.model = loaded
         trim = memory.trimmer() if s.trim_memory else None
         if trim is not None:
@@ -307,6 +308,7 @@ class InferenceService:
                 "max_duration_s": self.settings.max_duration_s,
                 "max_body_bytes": self.settings.max_body_bytes,
                 "window_s": self.settings.window_s,
+                "min_enrol_speech_s": self.settings.min_enrol_speech_s,
             },
         }
 
@@ -387,10 +389,22 @@ class InferenceService:
             self.metrics.clips.labels(outcome=exc.code).inc()
             raise
         self.metrics.stage.labels(stage="decode").observe(time.perf_counter() - started)
-        if self._worker is None:
+        detector = self._speech
+        if self._worker is None or detector is None:
             raise ApiError(503, "not_ready", "the model is not loaded yet", {"Retry-After": "1"})
-        result = await asyncio.wrap_future(self._worker.submit(wave))
         m = self.require_model()
+        # speech is measured on a decode thread while the worker embeds: the answer waits for the
+        # slower of the two, not their sum
+        inferred = asyncio.wrap_future(self._worker.submit(wave))
+        try:
+            speech_s = await loop.run_in_executor(self._decode_pool, detector.seconds, wave, m.sample_rate)
+        except BaseException:
+            inferred.cancel()
+            raise
+        result = await inferred
+        if speech_s == 0 and self.settings.require_speech:
+            self.metrics.clips.labels(outcome="no_speech").inc()
+            raise ApiError(422, "no_speech", "no speech was found in the audio; send a recording of someone speaking")
         self.metrics.clips.labels(outcome="ok").inc()
         self.metrics.audio_seconds.inc(wave.numel() / m.sample_rate)
         nearest = m.nearest_class(result.embedding)
@@ -403,6 +417,7 @@ class InferenceService:
             channels=channels,
             known_score=None if nearest is None else nearest[1],
             known=None if nearest is None else nearest[2],
+            speech_s=speech_s,
         )
 
     async def diarize(

@@ -55,10 +55,13 @@ MIGRATIONS: list[list[str]] = [
         "CREATE TABLE changes (id INTEGER PRIMARY KEY, counter BIGINT NOT NULL)",
         "INSERT INTO changes (id, counter) VALUES (1, 0)",
     ],
+    # seconds of speech the VAD found in a profile's clips; NULL for profiles enrolled before it was measured
+    ["ALTER TABLE speakers ADD COLUMN speech_seconds {real}"],
 ]
 TYPES = {"sqlite": {"blob": "BLOB", "real": "REAL"}, "postgresql": {"blob": "BYTEA", "real": "DOUBLE PRECISION"}}
 COLUMNS = (
-    "id, name, metadata, embedding_sum, clips, seconds, model_name, model_version, model_sha256, created_at, updated_at"
+    "id, name, metadata, embedding_sum, clips, seconds, model_name, model_version, model_sha256, created_at, "
+    "updated_at, speech_seconds"
 )
 
 
@@ -200,6 +203,7 @@ class Profile:
     model_sha256: str
     created_at: str
     updated_at: str
+    speech_seconds: float | None = None  # None: enrolled before speech was measured
 
     @property
     def voiceprint(self) -> np.ndarray:
@@ -223,6 +227,7 @@ def _profile(row: Sequence[Any]) -> Profile:
         model_sha256=row[8],
         created_at=row[9],
         updated_at=row[10],
+        speech_seconds=None if row[11] is None else float(row[11]),
     )
 
 
@@ -326,8 +331,9 @@ class SpeakerStore:
         vectors: list[np.ndarray],
         seconds: float,
         model: Model,
+        speech_seconds: float | None = None,
     ) -> Profile:
-        profile = self._new(name, metadata, vectors, seconds, model, _now())
+        profile = self._new(name, metadata, vectors, seconds, model, _now(), speech_seconds)
         with self.db.transaction() as cur:
             self._insert(cur, namespace, profile)
             self._bump(cur)
@@ -335,21 +341,27 @@ class SpeakerStore:
 
     @staticmethod
     def _new(
-        name: str, metadata: dict[str, Any], vectors: list[np.ndarray], seconds: float, model: Model, now: str
+        name: str,
+        metadata: dict[str, Any],
+        vectors: list[np.ndarray],
+        seconds: float,
+        model: Model,
+        now: str,
+        speech_seconds: float | None = None,
     ) -> Profile:
         total = np.sum([normalise(v) for v in vectors], axis=0).astype(np.float32)
         return Profile(
             uuid.uuid4().hex, name, metadata, total, len(vectors), seconds,
-            model.name, model.version, model.sha256, now, now,
+            model.name, model.version, model.sha256, now, now, speech_seconds,
         )  # fmt: skip
 
     @staticmethod
     def _insert(cur: Cursor, namespace: str, p: Profile) -> None:
         cur.execute(
-            f"INSERT INTO speakers (namespace, {COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO speakers (namespace, {COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 namespace, p.id, p.name, json.dumps(p.metadata), p.embedding_sum.tobytes(), p.clips, p.seconds,
-                p.model_name, p.model_version, p.model_sha256, p.created_at, p.updated_at,
+                p.model_name, p.model_version, p.model_sha256, p.created_at, p.updated_at, p.speech_seconds,
             ),
         )  # fmt: skip
 
@@ -374,8 +386,17 @@ class SpeakerStore:
         with self.db.transaction() as cur:
             return self._select(cur, namespace, pid)
 
-    def add_clips(self, namespace: str, pid: str, vectors: list[np.ndarray], seconds: float, model: Model) -> Profile:
-        """Raises KeyError (no such profile) or ValueError (made with other weights)."""
+    def add_clips(
+        self,
+        namespace: str,
+        pid: str,
+        vectors: list[np.ndarray],
+        seconds: float,
+        model: Model,
+        speech_seconds: float | None = None,
+    ) -> Profile:
+        """Raises KeyError (no such profile) or ValueError (made with other weights). The profile's
+        speech stays unknown (None) if it or the new clips' is."""
         with self.db.transaction() as cur:
             profile = self._select(cur, namespace, pid, lock=True)
             if profile is None:
@@ -386,12 +407,17 @@ class SpeakerStore:
             profile.embedding_sum = profile.embedding_sum.astype(np.float32)
             profile.clips += len(vectors)
             profile.seconds += seconds
+            known = profile.speech_seconds is not None and speech_seconds is not None
+            profile.speech_seconds = (profile.speech_seconds or 0.0) + (speech_seconds or 0.0) if known else None
             profile.updated_at = _now()
             cur.execute(
-                "UPDATE speakers SET embedding_sum = ?, clips = ?, seconds = ?, updated_at = ? "
+                "UPDATE speakers SET embedding_sum = ?, clips = ?, seconds = ?, speech_seconds = ?, updated_at = ? "
                 "WHERE namespace = ? AND id = ?",
-                (profile.embedding_sum.tobytes(), profile.clips, profile.seconds, profile.updated_at, namespace, pid),
-            )
+                (
+                    profile.embedding_sum.tobytes(), profile.clips, profile.seconds, profile.speech_seconds,
+                    profile.updated_at, namespace, pid,
+                ),
+            )  # fmt: skip
             self._bump(cur)
         return profile
 

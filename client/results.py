@@ -39,10 +39,13 @@ class Embedding:
     normalized: bool
     duration_s: float
     model: ModelRef
+    speech_seconds: float | None = None  # seconds of speech in the clip (servers before it: absent)
 
     @classmethod
     def of(cls, d: dict[str, Any]) -> Embedding:
-        return cls(d["embedding"], d["dim"], d["normalized"], d["duration_s"], ModelRef.of(d["model"]))
+        return cls(
+            d["embedding"], d["dim"], d["normalized"], d["duration_s"], ModelRef.of(d["model"]), d.get("speech_seconds")
+        )
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class Classification:
     duration_s: float
     embedding: list[float] | None
     model: ModelRef
+    speech_seconds: float | None = None  # seconds of speech in the clip (servers before it: absent)
 
     @classmethod
     def of(cls, d: dict[str, Any]) -> Classification:
@@ -80,6 +84,7 @@ class Classification:
             d["duration_s"],
             d.get("embedding"),
             ModelRef.of(d["model"]),
+            d.get("speech_seconds"),
         )
 
 
@@ -128,6 +133,8 @@ class Speaker:
     stale: bool
     model: ModelRef
     embedding: list[float] | None
+    speech_seconds: float | None = None  # None: not measured (older profiles and servers)
+    enough_speech: bool | None = None  # whether speech_seconds reaches the server's MIN_ENROL_SPEECH_S
 
     @classmethod
     def of(cls, d: dict[str, Any]) -> Speaker:
@@ -142,6 +149,8 @@ class Speaker:
             d["stale"],
             ModelRef.of(d["model"]),
             d.get("embedding"),
+            d.get("speech_seconds"),
+            d.get("enough_speech"),
         )
 
 

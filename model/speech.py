@@ -9,7 +9,7 @@ no web code.
 
 from __future__ import annotations
 
-import threading
+import queue
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,8 +41,9 @@ class _OpenVinoSilero:
         self._request = compiled.create_infer_request()
         self.reset_states()
 
-    @classmethod
-    def load(cls) -> _OpenVinoSilero | None:
+    @staticmethod
+    def compile() -> Any | None:
+        """The compiled graph, or None where OpenVINO or the graph is missing."""
         try:
             import openvino as ov
             import silero_vad
@@ -52,8 +53,7 @@ class _OpenVinoSilero:
         if not path.is_file():
             return None
         options = {"INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY"}
-        compiled = ov.Core().compile_model(str(path), "CPU", options)
-        return cls(compiled)
+        return ov.Core().compile_model(str(path), "CPU", options)
 
     def reset_states(self, batch_size: int = 1) -> None:
         self._state = np.zeros((2, 1, 128), dtype=np.float32)
@@ -72,10 +72,11 @@ class _OpenVinoSilero:
 class SpeechDetector:
     """Silero VAD's model, loaded once: its OpenVINO graph on one thread where OpenVINO is
     installed (``backend="auto"``), else (or with ``backend="torch"``) its TorchScript model. The
-    model keeps state between 32 ms chunks, so calls are serialised with a lock; make one
-    detector per process."""
+    model keeps state between 32 ms chunks, so each call takes one of ``instances`` copies (for
+    OpenVINO, inference requests of one compiled graph) and up to that many calls run at once;
+    make one detector per process."""
 
-    def __init__(self, config: VadConfig | None = None, backend: str = "auto") -> None:
+    def __init__(self, config: VadConfig | None = None, backend: str = "auto", instances: int = 1) -> None:
         self.config = config or VadConfig()
         # silero_vad sets torch's thread count to 1 when imported: keep the caller's
         threads = torch.get_num_threads()
@@ -84,11 +85,11 @@ class SpeechDetector:
         finally:
             torch.set_num_threads(threads)
         self._timestamps = get_speech_timestamps
-        self._model: Any = _OpenVinoSilero.load() if backend != "torch" else None
-        if self._model is None:
-            self._model = load_silero_vad()
-        self.backend = "torch" if isinstance(self._model, torch.nn.Module) else "openvino"
-        self._lock = threading.Lock()
+        compiled = _OpenVinoSilero.compile() if backend != "torch" else None
+        self.backend = "torch" if compiled is None else "openvino"
+        self._models: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for _ in range(max(1, instances)):
+            self._models.put(load_silero_vad() if compiled is None else _OpenVinoSilero(compiled))
 
     @torch.inference_mode()
     def regions(self, wave: Tensor, sample_rate: int = SAMPLE_RATE) -> list[tuple[int, int]]:
@@ -101,17 +102,24 @@ class SpeechDetector:
         if wave.numel() < SAMPLE_RATE // 10:
             return []
         c = self.config
-        with self._lock:
+        model = self._models.get()
+        try:
             found = self._timestamps(
                 wave.float().contiguous(),
-                self._model,
+                model,
                 threshold=c.threshold,
                 sampling_rate=SAMPLE_RATE,
                 min_speech_duration_ms=c.min_speech_ms,
                 min_silence_duration_ms=c.min_silence_ms,
                 speech_pad_ms=c.pad_ms,
             )
+        finally:
+            self._models.put(model)
         return [(int(r["start"]), int(r["end"])) for r in found]
+
+    def seconds(self, wave: Tensor, sample_rate: int = SAMPLE_RATE) -> float:
+        """Seconds of speech in ``wave``: the length of its regions together."""
+        return sum(b - a for a, b in self.regions(wave, sample_rate)) / sample_rate
 
     def trim(self, wave: Tensor, sample_rate: int = SAMPLE_RATE) -> Tensor:
         """The speech of ``wave`` with the silence between its regions cut out (empty if none)."""

@@ -181,6 +181,44 @@ def test_batch_keeps_order_and_isolates_a_bad_file(client):
     )
 
 
+def test_speech_is_measured_and_a_clip_without_speech_gets_422(client):
+    voice = speech(5)
+    pause = torch.zeros(2 * 16000)
+    alone = post_file(client, "/embed", wav_bytes(voice)).json()
+    padded = post_file(client, "/classify", wav_bytes(torch.cat([pause, voice, pause]))).json()
+    # the VAD finds the same speech with 4 s of silence around it, and less speech than audio
+    assert 0.5 < alone["speech_seconds"] <= alone["duration_s"]
+    assert abs(padded["speech_seconds"] - alone["speech_seconds"]) < 0.2
+    assert padded["duration_s"] - padded["speech_seconds"] > 3.5
+    both = client.post("/verify", files={"a": ("a.wav", wav_bytes(voice)), "b": ("b.wav", wav_bytes(speech(6)))})
+    assert both.json()["speech_seconds"]["a"] == alone["speech_seconds"] > 0 < both.json()["speech_seconds"]["b"]
+
+    t = np.arange(3 * 16000) / 16000
+    tone = torch.from_numpy((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32))
+    noise = torch.from_numpy(np.random.default_rng(0).normal(0, 0.1, 3 * 16000).astype(np.float32))
+    for path in ("/embed", "/classify"):
+        for sound in (tone, noise):
+            error = assert_error(post_file(client, path, wav_bytes(sound)), 422, "no_speech")
+            assert "no speech" in error["message"]
+    # in a batch, the clip without speech gets its own error and the others their results
+    files = [("file", ("tone.wav", wav_bytes(tone))), ("file", ("voice.wav", wav_bytes(voice)))]
+    results = client.post("/embed/batch", files=files).json()["results"]
+    assert results[0]["error"]["code"] == "no_speech" and len(results[1]["result"]["embedding"]) == 256
+
+
+def test_require_speech_false_embeds_any_sound():
+    srv = Server(env={"REQUIRE_SPEECH": "false", **EAGER})
+    try:
+        srv.wait_ready()
+        with httpx.Client(base_url=srv.url, timeout=120) as client:
+            t = np.arange(3 * 16000) / 16000
+            tone = torch.from_numpy((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32))
+            r = post_file(client, "/embed", wav_bytes(tone))
+            assert r.status_code == 200 and r.json()["speech_seconds"] == 0 and r.json()["dim"] == 256
+    finally:
+        srv.stop()
+
+
 def test_short_silent_long_and_oversized_audio(server):
     with httpx.Client(base_url=server.url, timeout=120) as client:
         assert_error(post_file(client, "/embed", wav_bytes(speech(0)[:4000])), 422, "audio_too_short")

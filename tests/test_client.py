@@ -55,8 +55,10 @@ def test_typed_results_for_every_endpoint(server: Server, folder: Path) -> None:
         e = c.embed(clip, normalize=True)
         assert e.dim == len(e.vector) == 256 and e.normalized
         assert abs(sum(x * x for x in e.vector) - 1) < 1e-4
+        assert e.speech_seconds is not None and 0.5 < e.speech_seconds <= e.duration_s
         k = c.classify(clip, top_k=2)
         assert k.label == LABELS[3] and len(k.top_k) == 2 and set(k.probabilities) == set(LABELS)
+        assert k.speech_seconds == e.speech_seconds
         v = c.verify(clip, folder / "voice3-2.mp3")
         assert v.same_speaker and v.score >= v.threshold
         assert v.score_kind in ("cosine", "as-norm") and v.cosine is not None and 0 < v.cosine <= 1
@@ -68,6 +70,7 @@ def test_typed_results_for_every_endpoint(server: Server, folder: Path) -> None:
         assert bad.value.status == 415 and bad.value.code == "undecodable_audio"
         s = c.enrol("client test speaker", [clip, folder / "voice3-2.mp3"], {"team": "tests"})
         assert s.clips == 2 and s.metadata == {"team": "tests"}
+        assert s.speech_seconds is not None and s.speech_seconds > 1 and s.enough_speech is False
         assert any(p.id == s.id for p in c.speakers(page_size=1))
         found = c.identify(folder / "voice3-3.ogg")
         assert found.speaker is not None and found.speaker.id == s.id

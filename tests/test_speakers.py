@@ -6,10 +6,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 
 import model
+from app.speakers import MIGRATIONS, TYPES, SpeakerStore, SqliteDatabase, migrate
+from app.speakers import Model as StoreModel
 from model.convert import convert
 from model.weights import write_manifest
 from tests.conftest import SHIPPED_WEIGHTS, Server, free_port, speech, wav_bytes
@@ -61,7 +64,13 @@ def test_enrol_add_read_patch_delete(client):
     r = enrol(client, "Alice", [(2, 0), (2, 1)], metadata='{"team": "blue", "n": 1}')
     assert r.status_code == 201, r.text
     alice = r.json()
-    assert set(alice) == {"id", "name", "metadata", "clips", "seconds", "created_at", "updated_at", "model", "stale"}
+    assert set(alice) == {
+        "id", "name", "metadata", "clips", "seconds", "speech_seconds", "enough_speech", "created_at", "updated_at",
+        "model", "stale",
+    }  # fmt: skip
+    # two sentences are far less speech than a reliable voiceprint needs
+    limit = client.get("/v1/model", headers=auth("a")).json()["limits"]["min_enrol_speech_s"]
+    assert 1 < alice["speech_seconds"] <= alice["seconds"] < limit and alice["enough_speech"] is False
     assert alice["name"] == "Alice" and alice["metadata"] == {"team": "blue", "n": 1} and alice["clips"] == 2
     assert alice["seconds"] > 1 and alice["stale"] is False and len(alice["model"]["sha256"]) == 64
     assert client.get(f"/speakers/{alice['id']}", headers=auth("a")).json() == alice
@@ -70,6 +79,7 @@ def test_enrol_add_read_patch_delete(client):
 
     r = client.post(f"/speakers/{alice['id']}/clips", files=[("file", clip(2, 2))], headers=auth("a"))
     assert r.status_code == 200 and r.json()["clips"] == 3 and r.json()["seconds"] > alice["seconds"]
+    assert r.json()["speech_seconds"] > alice["speech_seconds"]
     assert r.json()["updated_at"] > alice["updated_at"]
 
     r = client.patch(
@@ -219,6 +229,29 @@ def test_profiles_survive_a_restart_and_other_weights_mark_them_stale(sqlite_ser
             assert r.status_code == 409
     finally:
         other.stop()
+
+
+def test_a_store_made_before_speech_was_measured_migrates_and_says_it_does_not_know(tmp_path):
+    db = SqliteDatabase(tmp_path / "speakers.sqlite3")
+    with db.transaction() as cur:  # the schema as version 1 left it, with one profile
+        cur.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        cur.execute("INSERT INTO schema_version (version) VALUES (1)")
+        for statement in MIGRATIONS[0]:
+            cur.execute(statement.format(**TYPES["sqlite"]))
+        cur.execute(
+            "INSERT INTO speakers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            ("old", "ns", "Old", "{}", np.ones(4, np.float32).tobytes(), 1, 3.0, "m", "1", "abc", "t0", "t0"),
+        )
+    assert migrate(db) == len(MIGRATIONS) == 2
+    store = SpeakerStore(db)
+    old = store.get("ns", "old")
+    assert old is not None and old.speech_seconds is None and old.clips == 1
+    weights = StoreModel("m", "1", "abc")
+    # clips added to it leave its speech unknown; a new profile's speech adds up
+    assert store.add_clips("ns", "old", [np.ones(4, np.float32)], 2.0, weights, 1.5).speech_seconds is None
+    new = store.create("ns", "New", {}, [np.ones(4, np.float32)], 3.0, weights, 2.5)
+    assert store.add_clips("ns", new.id, [np.ones(4, np.float32)], 2.0, weights, 1.5).speech_seconds == 4.0
+    db.close()
 
 
 # PostgreSQL ---------------------------------------------------------------------------------

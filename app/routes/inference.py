@@ -36,7 +36,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         400: "malformed request",
         413: "body or audio duration too large",
         415: "unsupported or undecodable media",
-        422: "invalid parameters, or too-short or silent audio",
+        422: "invalid parameters, or too-short or silent audio, or audio with no speech",
         503: "not ready",
     }.items()
 }
@@ -81,6 +81,7 @@ def embed_result(service: InferenceService, clip: ClipResult, normalize: bool) -
         "dim": int(vector.shape[0]),
         "normalized": normalize,
         "duration_s": round(clip.duration_s, 4),
+        "speech_seconds": round(clip.speech_s, 3),
         "processing": processing(service, clip),
         "model": service.model_ref(),
     }
@@ -98,6 +99,7 @@ def classify_result(service: InferenceService, clip: ClipResult, top_k: int, inc
         "probabilities": {label: float(p) for label, p in zip(labels, probs, strict=True)},
         "top_k": [{"label": labels[i], "index": int(i), "score": float(probs[i])} for i in order],
         "duration_s": round(clip.duration_s, 4),
+        "speech_seconds": round(clip.speech_s, 3),
         "processing": processing(service, clip),
         "known": clip.known,
         "known_score": clip.known_score,
@@ -311,6 +313,7 @@ async def verify(
         "same_speaker": score >= chosen,
         "threshold": chosen,
         "duration_s": {"a": round(a.duration_s, 4), "b": round(b.duration_s, 4)},
+        "speech_seconds": {"a": round(a.speech_s, 3), "b": round(b.speech_s, 3)},
         "model": service.model_ref(),
     }
 

@@ -120,6 +120,10 @@ def speaker_out(profile: Profile, service: InferenceService, include_embedding: 
         "metadata": profile.metadata,
         "clips": profile.clips,
         "seconds": round(profile.seconds, 4),
+        "speech_seconds": None if profile.speech_seconds is None else round(profile.speech_seconds, 3),
+        "enough_speech": (
+            None if profile.speech_seconds is None else profile.speech_seconds >= service.settings.min_enrol_speech_s
+        ),
         "created_at": profile.created_at,
         "updated_at": profile.updated_at,
         "model": {"name": profile.model_name, "version": profile.model_version, "sha256": profile.model_sha256},
@@ -149,8 +153,9 @@ def parse_metadata(value: str | None) -> dict[str, Any]:
 
 async def embed_clips(
     service: InferenceService, intake: Intake, uploads: list[Upload]
-) -> tuple[list[np.ndarray], float]:
-    """Every clip's embedding, or the first failing clip's error with its index; all or nothing."""
+) -> tuple[list[np.ndarray], float, float]:
+    """Every clip's embedding, the clips' seconds and their seconds of speech, or the first
+    failing clip's error with its index; all or nothing."""
     if not uploads:
         raise ApiError(422, "invalid_parameters", "send one or more 'file' parts (the enrolment clips)")
     intake.expect(len(uploads))
@@ -162,7 +167,7 @@ async def embed_clips(
         if isinstance(res, BaseException):
             raise res
     clips = [r for r in results if isinstance(r, ClipResult)]
-    return [c.embedding for c in clips], sum(c.duration_s for c in clips)
+    return [c.embedding for c in clips], sum(c.duration_s for c in clips), sum(c.speech_s for c in clips)
 
 
 def audio_form(*fields: tuple[str, dict[str, Any]], required: list[str]) -> dict[str, Any]:
@@ -200,9 +205,9 @@ async def enrol(
             require_multipart(request, "'name', optional 'metadata' and 'file' parts")
         files, texts = await read_form(request, intake, ["file"], ["name", "metadata"], settings.max_files)
         name, metadata = parse_name(texts.get("name")), parse_metadata(texts.get("metadata"))
-        vectors, seconds = await embed_clips(service, intake, files["file"])
+        vectors, seconds, speech = await embed_clips(service, intake, files["file"])
     namespace, model = namespace_of(request, settings), current_model(service)
-    profile = await in_store(speakers, lambda s: s.create(namespace, name, metadata, vectors, seconds, model))
+    profile = await in_store(speakers, lambda s: s.create(namespace, name, metadata, vectors, seconds, model, speech))
     log.info("enrolled speaker %s from %d clips", profile.id, profile.clips)
     return speaker_out(profile, service, include_embedding)
 
@@ -229,9 +234,11 @@ async def add_clips(
     async with service.intake(content_length(request), settings.max_files) as intake:
         require_multipart(request, "'file' parts")
         files, _ = await read_form(request, intake, ["file"], [], settings.max_files)
-        vectors, seconds = await embed_clips(service, intake, files["file"])
+        vectors, seconds, speech = await embed_clips(service, intake, files["file"])
     try:
-        profile = await in_store(speakers, lambda s: s.add_clips(namespace, speaker_id, vectors, seconds, model))
+        profile = await in_store(
+            speakers, lambda s: s.add_clips(namespace, speaker_id, vectors, seconds, model, speech)
+        )
     except KeyError:
         raise not_found(speaker_id) from None
     except ValueError:
