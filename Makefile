@@ -52,7 +52,7 @@ CORPUS_PACKAGES := festvox-ru festvox-suopuhe-lj festvox-suopuhe-mv festvox-czec
 	festvox-czech-krb festvox-czech-ph festvox-ca-ona-hts
 
 .PHONY: help venv system-deps corpus-deps teachers test lint serve corpus corpus-unseen train finetune finetune-real \
-	evaluate evaluate-open-set bench soak image clean quantize reproduce
+	evaluate evaluate-open-set bench soak image clean quantize reproduce docs
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -96,9 +96,9 @@ test: $(STAMP) $(TEACHERS_STAMP) system-deps ## run the whole test suite
 	$(PY) -m pytest
 
 lint: $(STAMP) ## ruff and mypy
-	$(VENV)/bin/ruff check model app bench tests client
-	$(VENV)/bin/ruff format --check model app bench client
-	$(VENV)/bin/mypy model app bench client
+	$(VENV)/bin/ruff check model app bench tests client docs
+	$(VENV)/bin/ruff format --check model app bench client docs
+	$(VENV)/bin/mypy model app bench client docs/render.py
 
 serve: $(STAMP) ## start the service on the shipped weights (PORT=8000)
 	WEIGHTS_DIR=$(WEIGHTS_DIR) HOST=$(HOST) PORT=$(PORT) $(PY) -m app
@@ -149,6 +149,9 @@ soak: $(STAMP) system-deps ## RSS after 5,000 requests of mixed lengths; then 32
 
 image: ## build the Dockerfile with buildah, start it, check user, health and /embed (root)
 	deploy/build-image.sh
+
+docs: $(STAMP) ## render the tables of figures in README.md and docs/ from the manifests and bench/results/
+	$(PY) docs/render.py
 
 clean: ## remove caches (keeps .venv and data)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -1,4 +1,4 @@
-"""Service settings, read from environment variables (see the README's table)."""
+"""Service settings, read from environment variables (docs/api.md has the table)."""
 
 from __future__ import annotations
 

@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -288,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8, help="clients at saturating load")
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "bench")
     parser.add_argument("--json", type=Path, default=ROOT / "runs" / "bench" / "latest.json")
+    parser.add_argument(
+        "--results", type=Path, default=ROOT / "bench" / "results", help="where the per-CPU figures for make docs go"
+    )
     args = parser.parse_args(argv)
     (ROOT / "runs" / "bench").mkdir(parents=True, exist_ok=True)
 
@@ -388,9 +392,39 @@ def main(argv: list[str] | None = None) -> int:
         report["ratios"]["served_over_naive_3s_at_fma_peak"] = peak / naive_gflops
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
+    recorded = record_result(report, args.results)
     print_table(report)
+    print(f"\nrecorded for `make docs`: {recorded.relative_to(ROOT)}")
     print(f"\nJSON: {args.json}")
     return 0
+
+
+def record_result(report: dict[str, Any], folder: Path) -> Path:
+    """The figures `make docs` renders (docs/performance.md), one file per CPU: this run's
+    replaces the last run's on the same kind of CPU."""
+    machine = report["machine"]
+    key = "-".join(str(machine.get(k, "")) for k in ("cpu", "cpu_family", "cpu_model", "cpu_capability"))
+    slug = re.sub(r"[^a-z0-9]+", "-", key.lower()).strip("-")
+    summary = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine,
+        "service_settings": report["service_settings"],
+        "precisions": {
+            precision: {
+                "served_clips_per_s": row["served_3s_saturated"]["clips_per_s"],
+                "model_only_clips_per_s": row["model_only_3s"]["clips_per_s"],
+                "achieved_gops": row["achieved_gops"],
+                "peak_gops": row.get("peak_gops"),
+                "achieved_over_ceiling": row.get("achieved_over_peak"),
+            }
+            for precision, row in report["precisions"].items()
+        },
+        "ratios": report["ratios"],
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{slug}.json"
+    path.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    return path
 
 
 def print_table(r: dict[str, Any]) -> None:
