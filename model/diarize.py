@@ -32,7 +32,14 @@ class DiarizeConfig:
     min_window_s: float = 0.4  # a speech region shorter than this is too short to embed; it joins a neighbour
     prune: float = 0.022  # share of each row of the affinity kept (3D-Speaker's p-pruning); at least 6 entries
     merge_cosine: float = 0.6  # clusters whose centroids are nearer than this are one speaker (chosen on validation)
-    min_cluster_windows: int = 2  # a smaller cluster (unless forced by a hint) joins its nearest
+    # a cluster of fewer windows than this, or than min_cluster_share of all of them (at least 2),
+    # joins its nearest unless a hint forces it (a speaker needs about 6 s of speech to count)
+    min_cluster_windows: int = 8
+    min_cluster_share: float = 0.1
+
+    def small_cluster(self, windows: int) -> int:
+        """Clusters of fewer windows than this join their nearest, in a recording of ``windows``."""
+        return min(self.min_cluster_windows, max(2, round(self.min_cluster_share * windows)))
 
 
 @dataclass(frozen=True)
@@ -82,8 +89,8 @@ def estimate_speakers(
 
     Spectral clustering of the p-pruned cosine affinity; the count is ``num_speakers`` if given,
     else the largest gap among the Laplacian's smallest eigenvalues within ``[min_speakers,
-    max_speakers]``; then clusters nearer than ``merge_cosine`` are merged and clusters of fewer
-    than ``min_cluster_windows`` windows join their nearest, as far as the bounds allow."""
+    max_speakers]``; then clusters nearer than ``merge_cosine`` are merged and small clusters
+    (:meth:`DiarizeConfig.small_cluster`) join their nearest, as far as the bounds allow."""
     c = config or DiarizeConfig()
     n = len(embeddings)
     if n == 0:
@@ -121,7 +128,8 @@ def estimate_speakers(
 
 def _merge(x: np.ndarray, labels: np.ndarray, lo: int, hi: int, c: DiarizeConfig) -> np.ndarray:
     """Merge the two most alike clusters while their centroids are nearer than ``merge_cosine``,
-    a cluster is below ``min_cluster_windows``, or there are more than ``hi``; never below ``lo``."""
+    a cluster is small (:meth:`DiarizeConfig.small_cluster`), or there are more than ``hi``;
+    never below ``lo``."""
     labels = labels.copy()
     while True:
         ids = sorted(set(labels.tolist()))
@@ -131,7 +139,7 @@ def _merge(x: np.ndarray, labels: np.ndarray, lo: int, hi: int, c: DiarizeConfig
         sizes = np.array([(labels == i).sum() for i in ids])
         sim = centroids @ centroids.T
         np.fill_diagonal(sim, -np.inf)
-        small = np.flatnonzero(sizes < c.min_cluster_windows)
+        small = np.flatnonzero(sizes < c.small_cluster(len(labels)))
         if len(ids) > hi or sim.max() >= c.merge_cosine:
             a, b = (int(v) for v in np.unravel_index(np.argmax(sim), sim.shape))
         elif len(small):

@@ -187,6 +187,24 @@ def test_turns_change_halfway_between_windows_that_disagree():
     assert len(set(estimate_speakers(one, num_speakers=2).tolist())) == 2
 
 
+def test_a_speaker_with_a_few_seconds_counts_in_a_short_recording_not_in_a_long_one():
+    rng = np.random.default_rng(1)
+    a, b, c = np.eye(64)[:3] * 3
+
+    def voice(centre: np.ndarray, n: int) -> np.ndarray:
+        return centre + 0.3 * rng.normal(size=(n, 64))
+
+    # 5 windows (about 4 s of speech) of a third voice: a speaker beside 20 of the others' ...
+    short = np.concatenate([voice(a, 10), voice(b, 10), voice(c, 5)])
+    assert DiarizeConfig().small_cluster(len(short)) <= 5
+    assert len(set(estimate_speakers(short).tolist())) == 3
+    # ... but too little to count beside 200 (a stray cluster joins its nearest), unless a hint asks
+    long = np.concatenate([voice(a, 100), voice(b, 100), voice(c, 5)])
+    assert DiarizeConfig().small_cluster(len(long)) == 8
+    assert len(set(estimate_speakers(long).tolist())) == 2
+    assert len(set(estimate_speakers(long, num_speakers=3).tolist())) == 3
+
+
 def test_the_evaluation_scores_conversations_of_held_out_voices_with_pyannote():
     """`evaluate --diarization`'s path on one conversation of two held-out synthetic voices (of the
     validation ones: test voices are measured once, for what ships), spoken afresh:

@@ -179,7 +179,8 @@ def named_speech(
     """Enrol ``enrolled`` from their kept-out clips, name the found speakers as /diarize does
     (each speaker's mean window embedding against the voiceprints, at ``threshold``, each profile
     naming one speaker at most), and measure: the share of the enrolled voices' reference speech
-    that carries their own name, and the seconds of other voices' speech that carry any name."""
+    that carries their own name, and the seconds of other voices' speech that carry any name, both
+    outside DER's collar around each reference boundary."""
     prints = torch.stack(
         [
             F.normalize(torch.stack([r.embedding for r in model.infer_many(conversation.enrol[v])]), dim=-1).mean(0)
@@ -196,9 +197,14 @@ def named_speech(
     given = np.full(length, "", dtype=object)
     for t in found.turns:
         given[int(t.start / step) : int(t.end / step)] = chosen[t.speaker] or ""
+    scored = np.ones(length, dtype=bool)  # DER's collar: COLLAR / 2 each side of a reference boundary is not scored
+    for start, end, _ in conversation.reference:
+        for edge in (start, end):
+            scored[max(0, int((edge - COLLAR / 2) / step)) : int((edge + COLLAR / 2) / step)] = False
     own = total = wrong = 0.0
     for start, end, voice in conversation.reference:
-        span = given[int(start / step) : int(end / step)]
+        a, b = int(start / step), int(end / step)
+        span = given[a:b][scored[a:b]]
         if voice in enrolled:
             total += len(span)
             own += float(np.sum(span == voice))

@@ -491,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         help="who spoke when, on conversations made of the open-set voices (open-test by default, or open-val)",
     )
     parser.add_argument("--conversations", type=int, default=20, help="with --diarization: how many of each kind")
+    parser.add_argument("--seed", type=int, default=0, help="with --diarization: which conversations are made")
     parser.add_argument(
         "--merge-cosine", type=float, help="with --diarization: merge clusters nearer than this (default: /diarize's)"
     )
@@ -524,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.diarization:
             config = DiarizeConfig() if args.merge_cosine is None else DiarizeConfig(merge_cosine=args.merge_cosine)
             items = scan(args.data_dir, model.labels).split(split)
-            summary = evaluate_diarization(model, items, args.conversations, config=config, progress=log.info)
+            summary = evaluate_diarization(model, items, args.conversations, args.seed, config, progress=log.info)
             summary["split"] = split
         elif args.open_set and args.identify:
             summary = evaluate_identification(model, args.data_dir, split)
