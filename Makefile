@@ -15,6 +15,8 @@ PER_VOICE ?= 200
 EXTRA_PER_VOICE ?= 12
 OPEN_PER_VOICE ?= 12
 SEED ?= 0
+# more flags for model.training.corpus (e.g. --voice-limit 2 --real-val 10 for a quick trial)
+CORPUS_ARGS ?=
 # real speakers for the corpus: a folder of sources, one folder or file-name prefix per speaker
 # (model/training/realspeech.py); REAL_SPEECH= makes the corpus without them
 REAL_SPEECH ?= ../shared/real-speech
@@ -105,7 +107,7 @@ serve: $(STAMP) ## start the service on the shipped weights (PORT=8000)
 
 corpus: $(STAMP) corpus-deps ## the corpus (9 labelled voices, 652 more, 28 open-set; the real speakers of $(REAL_SPEECH)) into $(DATA)
 	$(PY) -m model.training.corpus $(DATA) --per-voice $(PER_VOICE) --extra-per-voice $(EXTRA_PER_VOICE) \
-		--open-per-voice $(OPEN_PER_VOICE) --seed $(SEED) $(if $(REAL_SPEECH),--real $(REAL_SPEECH))
+		--open-per-voice $(OPEN_PER_VOICE) --seed $(SEED) $(if $(REAL_SPEECH),--real $(REAL_SPEECH)) $(CORPUS_ARGS)
 
 corpus-unseen: $(STAMP) system-deps ## fresh sentences in recording conditions the corpus never uses
 	$(PY) -m model.training.corpus $(UNSEEN) --per-voice 20 --seed $(SEED) --conditions unseen-all

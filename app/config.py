@@ -10,9 +10,10 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parents[1]
-# Seconds of speech an enrolment needs before its voiceprint identifies as well as a long one does
-# (within 1 point of identification accuracy, measured on validation speakers: docs/api.md).
-MIN_ENROL_SPEECH_S = 12.0
+# Seconds of speech an enrolment needs before its voiceprint names 4 s probes as often as one of
+# 24 s does, within 1 point: `python -m model.training.enrolment weights data/corpus` on the
+# validation voices of the shipped weights (docs/api.md, "How much speech an enrolment needs").
+MIN_ENROL_SPEECH_S = 4.0
 
 
 class Settings(BaseSettings):

@@ -182,7 +182,55 @@ def bench_figures(_: str | None) -> str:
     return table(head, rows)
 
 
+def diarization_figures(key: str | None) -> str:
+    """``/diarize`` on conversations of held-out voices, from the shipped manifest's
+    ``metrics.<key>`` (``diarization``: test voices; ``diarization_val``: validation voices)."""
+    r = manifest()["metrics"].get(key or "diarization")
+    if not r:
+        command = f"python -m model.training.evaluate weights DATA --diarization --record {key}"
+        return f"Not measured for these weights: `{command}`.\n"
+    rows = []
+    for kind in ("synthetic", "real"):
+        if kind not in r:
+            continue
+        d, naming = r[kind], r[kind].get("naming") or {}
+        rows.append(
+            [
+                f"{kind}: {d['conversations']} conversations, {d['seconds'] / 60:.1f} min",
+                pct(d["der"]),
+                f"{pct(d['missed'])} / {pct(d['false_alarm'])} / {pct(d['confusion'])}",
+                pct(d["speaker_count_accuracy"], 0),
+                pct(naming.get("enrolled_speech_named_right"), 1),
+                pct(naming.get("other_speech_named"), 2),
+            ]
+        )
+    head = ["voices (" + r.get("split", "?") + ")", "DER", "missed / false alarm / confusion", "count right",
+            "enrolled speech named right", "others' speech named"]  # fmt: skip
+    return table(head, rows) + f"\n`{r.get('command', '?')}`\n"
+
+
+def enrolment_figures(_: str | None) -> str:
+    """How much speech an enrolment needs, from the shipped manifest's ``metrics.enrolment``."""
+    r = manifest()["metrics"].get("enrolment")
+    if not r:
+        return "Not measured for these weights: `python -m model.training.enrolment weights DATA --record enrolment`.\n"
+    kinds = [k for k in ("synthetic", "real") if r.get(k, {}).get("rows")]
+    lengths = [row["enrolled_s"] for row in r[kinds[0]]["rows"]] if kinds else []
+    rows = []
+    for i, seconds in enumerate(lengths):
+        rows.append([f"{seconds:g} s"] + [pct(r[k]["rows"][i]["named_right"], 1) for k in kinds])
+    head = ["speech enrolled"] + [f"{k} ({r[k]['voices']} voices): probes named right" for k in kinds]
+    shortest = r.get("min_enrol_speech_s")
+    return (
+        table(head, rows)
+        + f"\nShortest enrolment within {100 * r['tolerance']:.0f} point of the longest: {shortest} s. "
+        + f"`{r.get('command', '?')}`\n"
+    )
+
+
 RENDERERS: dict[str, Callable[[str | None], str]] = {
+    "diarization-figures": diarization_figures,
+    "enrolment-figures": enrolment_figures,
     "weights-figures": weights_figures,
     "history-figures": history_figures,
     "bench-figures": bench_figures,

@@ -68,9 +68,15 @@ def test_enrol_add_read_patch_delete(client):
         "id", "name", "metadata", "clips", "seconds", "speech_seconds", "enough_speech", "created_at", "updated_at",
         "model", "stale",
     }  # fmt: skip
-    # two sentences are far less speech than a reliable voiceprint needs
+    # the speech in the clips, and whether it is enough for a reliable voiceprint
     limit = client.get("/v1/model", headers=auth("a")).json()["limits"]["min_enrol_speech_s"]
-    assert 1 < alice["speech_seconds"] <= alice["seconds"] < limit and alice["enough_speech"] is False
+    assert 1 < alice["speech_seconds"] <= alice["seconds"] and alice["enough_speech"] == (
+        alice["speech_seconds"] >= limit
+    )
+    half = ("half.wav", wav_bytes(speech(2, 0)[: int(16000 * limit / 2)]), "audio/wav")
+    brief = client.post("/speakers", data={"name": "Brief"}, files=[("file", half)], headers=auth("a")).json()
+    assert brief["speech_seconds"] < limit and brief["enough_speech"] is False
+    client.delete(f"/speakers/{brief['id']}", headers=auth("a"))
     assert alice["name"] == "Alice" and alice["metadata"] == {"team": "blue", "n": 1} and alice["clips"] == 2
     assert alice["seconds"] > 1 and alice["stale"] is False and len(alice["model"]["sha256"]) == 64
     assert client.get(f"/speakers/{alice['id']}", headers=auth("a")).json() == alice

@@ -16,7 +16,7 @@ import model
 from model.audio import load as load_audio
 from model.features import FeatureConfig, LogMelSpectrogram
 from model.resnet import build
-from model.training import corpus, provenance, voices
+from model.training import corpus, enrolment, provenance, voices
 from model.training.calibrate import Embedder, embed_all
 from model.training.calibrate import main as calibrate_main
 from model.training.centre import fold_affine, spread_statistics, voice_weighting, whitening
@@ -630,3 +630,17 @@ def test_speed_crop_raises_pitch_by_the_factor_and_keeps_the_length():
         assert out.shape == (sr,)
         peak_hz = float(torch.fft.rfft(out).abs().argmax())  # a 1 s window: 1 Hz bins
         assert abs(peak_hz - 200 * speed) <= 2
+
+
+def test_enrolment_measurement_identifies_probes_against_profiles_of_each_length(shipped):
+    streams = {f"voice-{label}": torch.cat([speech(label, k) for k in range(6)]) for label in (0, 3, 6)}
+    report = enrolment.measure(shipped, streams, probes=1, lengths=(2, 4, 8))
+    assert report["voices"] == 3 and report["threshold"] == shipped.manifest.identify_threshold
+    rows = report["rows"]
+    assert [r["enrolled_s"] for r in rows] == [2, 4, 8]
+    assert all(0 <= r["named_right"] <= r["top1"] <= 1 for r in rows)
+    assert rows[-1]["top1"] == 1.0  # 8 s of each of three distinct voices: every probe finds its own
+    # the shortest enrolment that names as many probes as the longest, within the tolerance
+    made = [{"enrolled_s": s, "named_right": v} for s, v in ((2, 0.5), (4, 0.8), (8, 0.9), (16, 0.905))]
+    assert enrolment.shortest_enough(made, 0.01) == 8 and enrolment.shortest_enough(made, 0.2) == 4
+    assert enrolment.shortest_enough([], 0.01) is None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from model.audio import resample
 from model.runtime import BACKENDS, PRECISIONS, EmbeddingModel, load
+from model.training.corpus import degrade, draw_conditions
 from model.training.data import scan
 from model.training.diarization import voice_pools
+from model.training.evaluate import check_record_key, record
+from model.training.metrics import eer_of_scores
 from model.training.provenance import command_line
 from model.training.realspeech import read_spans, read_speakers, speech_regions
 from model.weights import WeightsError
@@ -36,7 +41,7 @@ from model.weights import WeightsError
 log = logging.getLogger(__name__)
 RATE = 16000
 PIECE_S = 4.0
-LENGTHS_S = (2, 4, 8, 12, 16, 24, 32)
+LENGTHS_S = (2, 4, 8, 12, 16, 24)
 
 
 def real_streams(data_dir: Path, voices: set[str]) -> dict[str, Tensor]:
@@ -59,18 +64,36 @@ def pieces_of(stream: Tensor, seconds: float = PIECE_S) -> list[Tensor]:
     return [stream[i : i + n] for i in range(0, stream.numel() - n + 1, n)]
 
 
+def recorded_elsewhere(piece: Tensor, rng: random.Random) -> Tensor:
+    """``piece`` as another recording would give it: the corpus's reverberation, noise and band
+    limits (drawn as for its clips; no codec, no change of speed), back at 16 kHz."""
+    c = {k: v for k, v in draw_conditions(rng).items() if k in ("reverb_rt60", "noise", "snr_db", "band", "gain_db")}
+    wave, sr = degrade(piece, RATE, c, torch.Generator().manual_seed(rng.randrange(1 << 31)))
+    return resample(wave, sr, RATE) if sr != RATE else wave
+
+
 @torch.inference_mode()
 def measure(
-    model: EmbeddingModel, streams: dict[str, Tensor], probes: int = 3, lengths: tuple[int, ...] = LENGTHS_S
+    model: EmbeddingModel,
+    streams: dict[str, Tensor],
+    probes: int = 4,
+    lengths: tuple[int, ...] = LENGTHS_S,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Identification of ``probes`` pieces per voice against profiles enrolled from each length
-    in ``lengths`` (voices with speech enough for the longest enrolment and the probes)."""
+    """Identification of ``probes`` pieces per voice, each as another recording gives it
+    (:func:`recorded_elsewhere`), against profiles enrolled from each length in ``lengths`` of
+    clean speech (voices with speech enough for the longest enrolment and the probes)."""
     need = int(max(lengths) / PIECE_S) + probes
     voices = sorted(v for v, s in streams.items() if len(pieces_of(s)) >= need)
     if len(voices) < 2:
         return {"voices": len(voices), "rows": []}
     threshold = model.manifest.identify_threshold or model.manifest.verification_threshold
-    embedded = {v: [model.infer(p).embedding for p in pieces_of(streams[v])[:need]] for v in voices}
+    rng = random.Random(seed)
+    embedded = {}
+    for v in voices:
+        pieces = pieces_of(streams[v])[:need]
+        pieces[-probes:] = [recorded_elsewhere(p, rng) for p in pieces[-probes:]]
+        embedded[v] = [model.infer(p).embedding for p in pieces]
     queries = torch.stack([e for v in voices for e in embedded[v][-probes:]])
     truth = torch.tensor([i for i, _ in enumerate(voices) for _ in range(probes)])
     rows = []
@@ -84,10 +107,13 @@ def measure(
         scores, _ = model.verification_scores(queries, prints)
         best, index = scores.max(dim=1)
         right = (index == truth) & (best >= (threshold if threshold is not None else -1e9))
+        same = truth[:, None] == torch.arange(len(voices))[None, :]
+        eer, _ = eer_of_scores(scores.flatten(), same.flatten())
         rows.append({
             "enrolled_s": seconds,
             "named_right": float(right.float().mean()),
             "top1": float((index == truth).float().mean()),
+            "eer": eer,
         })  # fmt: skip
     return {"voices": len(voices), "probes_per_voice": probes, "threshold": threshold, "rows": rows}
 
@@ -101,7 +127,7 @@ def shortest_enough(rows: list[dict[str, Any]], tolerance: float) -> float | Non
 
 
 def evaluate_enrolment(
-    model: EmbeddingModel, data_dir: Path, split: str = "open-val", tolerance: float = 0.01, sentences: int = 20
+    model: EmbeddingModel, data_dir: Path, split: str = "open-val", tolerance: float = 0.01, sentences: int = 24
 ) -> dict[str, Any]:
     items = scan(data_dir, model.labels).split(split)
     if not items:
@@ -127,8 +153,10 @@ def format_enrolment(r: dict[str, Any]) -> str:
             continue
         lines.append(f"  {kind}: {r[kind]['voices']} voices")
         for row in r[kind]["rows"]:
-            right, top1 = row["named_right"], row["top1"]
-            lines.append(f"    {row['enrolled_s']:5.1f} s enrolled: named right {right:.3f}, top-1 {top1:.3f}")
+            right, top1, eer = row["named_right"], row["top1"], row["eer"]
+            lines.append(
+                f"    {row['enrolled_s']:5.1f} s enrolled: named right {right:.3f}, top-1 {top1:.3f}, EER {eer:.4f}"
+            )
     lines.append(f"shortest enrolment within {r['tolerance']:.0%} of the longest: {r['min_enrol_speech_s']} s")
     return "\n".join(lines)
 
@@ -139,19 +167,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("data_dir", type=Path)
     parser.add_argument("--split", default="open-val", choices=["open-val", "open-test"])
     parser.add_argument("--tolerance", type=float, default=0.01, help="named-right rate given up against the longest")
-    parser.add_argument("--sentences", type=int, default=20, help="fresh sentences per synthetic voice")
+    parser.add_argument("--sentences", type=int, default=24, help="fresh sentences per synthetic voice")
     parser.add_argument("--backend", default="torch", choices=list(BACKENDS))
     parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--record", metavar="KEY", help="also write the result into WEIGHTS_DIR's manifest at metrics.KEY"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    command = command_line("model.training.enrolment", argv)
     try:
+        check_record_key(args.record or "ok")
         model = load(args.weights_dir).configure(args.precision, False, args.backend)
         report = evaluate_enrolment(model, args.data_dir, args.split, args.tolerance, args.sentences)
+        if args.record:
+            record(args.weights_dir, args.record, report, command)
     except (WeightsError, ValueError, FileNotFoundError) as exc:
         log.error("error: %s", exc)
         return 2
-    report["command"] = command_line("model.training.enrolment", argv)
+    report["command"] = command
     sys.stdout.write((json.dumps(report, indent=2) if args.json else format_enrolment(report)) + "\n")
     return 0
 
