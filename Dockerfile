@@ -42,10 +42,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOST=0.0.0.0 \
     PORT=8000 \
     WEIGHTS_DIR=/opt/voice-embed/weights \
-    DATA_DIR=/var/lib/voice-embed
+    DATA_DIR=/var/lib/voice-embed \
+    OPENVINO_CACHE_DIR=/var/lib/voice-embed/openvino
 RUN groupadd --system --gid 10001 app && useradd --system --uid 10001 --gid app --home-dir /nonexistent app \
  && install -d -o 10001 -g 10001 -m 0750 /var/lib/voice-embed
-# The default speaker store (SQLite) lives here; DATABASE_URL=postgresql://... replaces it.
+# The default speaker store (SQLite) lives here (DATABASE_URL=postgresql://... replaces it), and the
+# network converted for OpenVINO, so that a restart with the same volume skips the conversion.
 VOLUME /var/lib/voice-embed
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/voice-embed/weights /opt/voice-embed/weights

@@ -79,7 +79,7 @@ class InferenceService:
         """Load, check, configure and warm the model; raises model.WeightsError on bad weights."""
         started = time.perf_counter()
         s = self.settings
-        loaded = model.load(weights_dir).configure(s.precision, s.channels_last, s.backend)
+        loaded = model.load(weights_dir).configure(s.precision, s.channels_last, s.backend, s.openvino_cache_dir)
         self._warm_up(loaded)
         self._speech = SpeechDetector(instances=2)  # one per decode thread
         self.model = loaded

@@ -8,11 +8,14 @@ cuts clips into equal windows, batches windows of equal length and averages each
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import math
 import os
 import platform
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -119,6 +122,43 @@ def to_openvino(network: ResNet, n_mels: int) -> Any:
     return ov.convert_model(exported)
 
 
+def cached_openvino(network: ResNet, manifest: Manifest, cache_dir: Path | None) -> Any:
+    """:func:`to_openvino`, kept in ``cache_dir`` as OpenVINO IR (XML and raw tensors, nothing
+    pickled) under a key of everything the conversion depends on: the weights' sha256, the
+    network's source, the front end's bands, and the torch and OpenVINO versions. Converting
+    takes about 5 s, reading the IR back a few milliseconds. Without ``cache_dir``, or where it
+    cannot be written, the network is converted every time."""
+    if cache_dir is None:
+        return to_openvino(network, manifest.features.n_mels)
+    import openvino as ov
+
+    source = Path(__file__).with_name("resnet.py").read_bytes()
+    parts = [manifest.sha256, hashlib.sha256(source).hexdigest(), str(manifest.features.n_mels), torch.__version__,
+             ov.__version__]  # fmt: skip
+    key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+    xml = cache_dir / key / "network.xml"
+    if xml.is_file():
+        try:
+            return ov.Core().read_model(str(xml))
+        except RuntimeError as exc:  # a damaged cache entry: convert again and replace it
+            log.warning("OpenVINO cache entry %s unreadable (%s); converting again", xml.parent, exc)
+    ov_model = to_openvino(network, manifest.features.n_mels)
+    tmp: str | None = None
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=cache_dir, prefix=".converting-")
+        ov.save_model(ov_model, str(Path(tmp) / "network.xml"), compress_to_fp16=False)
+        shutil.rmtree(xml.parent, ignore_errors=True)
+        os.replace(tmp, xml.parent)  # a whole entry appears at once (replicas may start together)
+        tmp = None
+    except OSError as exc:
+        log.warning("cannot keep the converted network in %s (%s); it is converted at every start", cache_dir, exc)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return ov_model
+
+
 def compile_openvino(ov_model: Any, precision: str, threads: int) -> Any:
     """An OpenVINO model compiled for the CPU: ``precision`` is the inference precision hint of
     the layers that are not quantised (fp32 keeps them fp32; an int8 model's quantised layers run
@@ -170,9 +210,16 @@ class EmbeddingModel:
         self._compiled: OpenVINONetwork | None = None
         self._unit: dict[str, tuple[Any, Tensor]] = {}  # manifest rows -> (those rows, as unit rows)
 
-    def configure(self, precision: str = "fp32", channels_last: bool = False, backend: str = "torch") -> EmbeddingModel:
+    def configure(
+        self,
+        precision: str = "fp32",
+        channels_last: bool = False,
+        backend: str = "torch",
+        cache_dir: Path | None = None,
+    ) -> EmbeddingModel:
         """Choose the execution. ``int8`` runs the weights' int8 model on OpenVINO (``auto`` picks
-        OpenVINO for it); weights without one are refused with a ``WeightsError`` saying how to make it."""
+        OpenVINO for it); weights without one are refused with a ``WeightsError`` saying how to make it.
+        ``cache_dir``: where the network converted for OpenVINO is kept between starts."""
         self.precision = resolve_precision(precision)
         if self.precision == "int8":
             if backend == "torch":
@@ -192,7 +239,7 @@ class EmbeddingModel:
                 xml = int8_model_path(self.root, self.manifest)
                 ov_model = ov.Core().read_model(str(xml))
             else:
-                ov_model = to_openvino(self.network, self.manifest.features.n_mels)
+                ov_model = cached_openvino(self.network, self.manifest, cache_dir)
             self._compiled = OpenVINONetwork(ov_model, self.precision, torch.get_num_threads())
             log.info("compiled for OpenVINO (%s) in %.1f s", self.precision, time.perf_counter() - started)
         return self

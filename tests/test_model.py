@@ -15,6 +15,7 @@ from model import FeatureConfig, LogMelSpectrogram, WeightsError, runtime
 from model.convert import convert
 from model.weights import file_sha256, write_manifest
 from tests import seed_reference as seed
+from tests.conftest import SHIPPED_WEIGHTS, speech
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -416,3 +417,26 @@ def test_convert_cli_reports_one_clean_line(tmp_path):
     assert proc.returncode == 0, proc.stderr
     loaded = model.load(tmp_path / "w")
     assert loaded.manifest.features.n_mels == 64 and loaded.labels == list("abcdefghi")
+
+
+def test_the_network_converted_for_openvino_is_kept_and_read_back(tmp_path, caplog):
+    loaded = model.load(SHIPPED_WEIGHTS)
+    wave = speech(4)
+    cache = tmp_path / "cache"
+    first = model.load(SHIPPED_WEIGHTS).configure("fp32", backend="openvino", cache_dir=cache)
+    (entry,) = cache.iterdir()  # one entry, whole: no half-written conversion left beside it
+    assert sorted(p.name for p in entry.iterdir()) == ["network.bin", "network.xml"]
+    again = model.load(SHIPPED_WEIGHTS).configure("fp32", backend="openvino", cache_dir=cache)
+    a, b = first.infer(wave).embedding, again.infer(wave).embedding
+    assert torch.equal(a, b)
+    assert torch.nn.functional.cosine_similarity(a, loaded.infer(wave).embedding, dim=0) > 0.9999
+    # other weights get their own entry; a cache that cannot be written only costs the time
+    other = model.load(SHIPPED_WEIGHTS)
+    other.manifest.sha256 = "0" * 64
+    other.configure("fp32", backend="openvino", cache_dir=cache)
+    assert len(list(cache.iterdir())) == 2
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("x")
+    with caplog.at_level("WARNING"):
+        works = model.load(SHIPPED_WEIGHTS).configure("fp32", backend="openvino", cache_dir=blocked / "cache")
+    assert torch.equal(works.infer(wave).embedding, a) and "converted at every start" in caplog.text
