@@ -318,7 +318,12 @@ def main(argv: list[str] | None = None) -> int:
         "concurrency": args.concurrency,
     }
     print("hardware ceiling ...", file=sys.stderr)
-    peaks = arithmetic_peaks(threads)
+    # a peak run that anything disturbs comes out low, never high: the best of three is the ceiling
+    runs = [arithmetic_peaks(threads) for _ in range(3)]
+    best: dict[tuple[str, str], float] = {}
+    for row in (r for run in runs for r in run):
+        best[(row["precision"], row["isa"])] = max(best.get((row["precision"], row["isa"]), 0.0), row["gops"])
+    peaks = [{"precision": p, "isa": isa, "gops": g} for (p, isa), g in best.items()]
     report["hardware"] = {
         "fp32_gflops": matmul_gflops(torch.float32),
         "bf16_gflops": matmul_gflops(torch.bfloat16),
@@ -386,15 +391,18 @@ def main(argv: list[str] | None = None) -> int:
     peak = hw["fp32_fma_peak_gflops"]
     if peak:
         naive_gflops = gflops_3s(nv)
-        report["ratios"]["achieved_over_fp32_fma_peak"] = achieved / peak
+        # the naive server runs fp32: its ceiling is the fp32 peak (the service's is its own precision's)
         report["ratios"]["naive_over_fp32_fma_peak"] = naive_gflops / peak
         # the most served/naive any direct fp32 convolution can reach here: the naive run's work at FMA peak
         report["ratios"]["served_over_naive_3s_at_fma_peak"] = peak / naive_gflops
+    # achieved counts the network's nominal multiply-adds; a kernel doing fewer (Winograd) could
+    # pass its precision's peak, and then that peak is no ceiling here: say so rather than print > 1
+    report["ceiling_holds"] = all(row.get("achieved_over_peak", 0.0) <= 1.0 for row in report["precisions"].values())
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     recorded = record_result(report, args.results)
     print_table(report)
-    print(f"\nrecorded for `make docs`: {recorded.relative_to(ROOT)}")
+    print(f"\nrecorded for `make docs`: {recorded}")
     print(f"\nJSON: {args.json}")
     return 0
 
@@ -420,6 +428,7 @@ def record_result(report: dict[str, Any], folder: Path) -> Path:
             for precision, row in report["precisions"].items()
         },
         "ratios": report["ratios"],
+        "ceiling_holds": report["ceiling_holds"],
     }
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{slug}.json"
@@ -467,6 +476,11 @@ def print_table(r: dict[str, Any]) -> None:
             f"{row['served_over_model_only_3s']:10.3f}{row['achieved_gops']:8.1f}{of_peak:8.3f}"
         )
     print(f"\nachieved {r['achieved_gflops_3s']:.1f} GFLOP/s (service, 3 s set, saturated)")
+    if not r["ceiling_holds"]:
+        print(
+            "a precision's achieved rate passed its peak: its kernels do fewer multiply-adds than the network's "
+            "nominal count (e.g. Winograd convolutions), so no ceiling holds for it on this CPU"
+        )
     for k, v in r["ratios"].items():
         print(f"  {k:34} {v:8.3f}")
 

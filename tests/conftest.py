@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
@@ -215,3 +216,115 @@ def postgres() -> Iterator[str]:
         subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
                        capture_output=True)  # fmt: skip
         shutil.rmtree(root, ignore_errors=True)
+
+
+# --- a folder of "real" speakers and the corpus the training guide makes of it -------------------
+
+SR = 16000
+MOSTLY_SILENT = "deadbeef"  # a speaker whose one file is a short sentence in 8 s of silence
+# The guide's corpus (docs/training.md, "Train on your own speakers"), sized by the Makefile's own
+# knobs: the 9 labelled voices x 10 clips, 2 training and 2 + 2 open-set catalogue voices, and of
+# the real speakers 2 held out for validation and 2 for test.
+GUIDE_SIZE = {"per_voice": 10, "seed": 5, "extra_per_voice": 2, "open_per_voice": 4, "voice_limit": 2}
+GUIDE_REAL = {"val": 2, "test": 2, "train_clips": 4, "trial_clips": 4}
+GUIDE_MAKE_VARS = (
+    f"PER_VOICE={GUIDE_SIZE['per_voice']} EXTRA_PER_VOICE={GUIDE_SIZE['extra_per_voice']} "
+    f"OPEN_PER_VOICE={GUIDE_SIZE['open_per_voice']} SEED={GUIDE_SIZE['seed']} "
+    f"CORPUS_ARGS='--voice-limit {GUIDE_SIZE['voice_limit']} --real-val {GUIDE_REAL['val']} "
+    f"--real-test {GUIDE_REAL['test']} --real-train-clips {GUIDE_REAL['train_clips']} "
+    f"--real-trial-clips {GUIDE_REAL['trial_clips']}'"
+)
+
+
+def write_audio(path: Path, wave: torch.Tensor, fmt: str = "flac") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode(wave, fmt))
+    return path
+
+
+def quiet(seconds: float) -> torch.Tensor:
+    return 1e-4 * torch.randn(int(seconds * SR), generator=torch.Generator().manual_seed(int(seconds * 10)))
+
+
+def lay_out_speakers(root: Path) -> None:
+    """Sources laid out as the training guide shows a user's own recordings (a folder per speaker,
+    files anywhere below it; files named by a speaker prefix, with a LICENSE) and as LibriSpeech,
+    Speech Commands and Common Voice ship them; every speaker one of the project's own voices."""
+    for speaker, voice in (("alice", 0), ("bob", 3), ("dave", 5), ("frank", 1)):
+        for k in range(4):
+            write_audio(root / "meetings" / speaker / f"2024-0{k + 1}" / f"part-{k}.flac", speech(voice, k))
+    for speaker, voice in (("carol", 6), ("erin", 8), ("gina", 7)):
+        for k in range(4):
+            write_audio(root / "calls" / f"{speaker}_{k:03d}.wav", speech(voice, k), "wav-s16")
+    (root / "calls" / "LICENSE").write_text("CC-BY-4.0\n")
+    books = root / "librispeech-train-clean-100"
+    for reader, label in (("19", 0), ("26", 1), ("27", 2), ("32", 3), ("40", 8)):  # 4 files each: enough to hold out
+        for k in range(4):
+            write_audio(books / reader / "198" / f"{reader}-198-{k:04d}.flac", speech(label, k))
+    (root / "SPEAKERS.TXT").write_text(
+        ";ID  |SEX| SUBSET           |MINUTES| NAME\n"
+        "19   | F | train-clean-100  | 25.19 | A\n26   | M | train-clean-100  | 25.08 | B\n"
+    )
+    words = root / "speech-commands"
+    for k in range(2):
+        write_audio(words / f"a1b2c3d4_nohash_{k}.wav", speech(4, k), "wav-s16")
+    write_audio(words / "ffee0011.opus", speech(5, 0), "ogg-opus")
+    write_audio(words / f"{MOSTLY_SILENT}_nohash_0.wav", torch.cat([quiet(3.0), speech(6, 0), quiet(5.0)]), "wav-s16")
+    (root / "speakers.tsv").write_text(
+        "speaker\tsource\tlicense\tfiles\tseconds\n"
+        "a1b2c3d4\tspeech-commands\tCC BY 4.0\t2\t3\nffee0011\tspeech-commands\tCC BY 4.0\t1\t2\n"
+        f"{MOSTLY_SILENT}\tspeech-commands\tCC BY 4.0\t1\t10\n"
+    )
+    cv = root / "common-voice-en"
+    rows = ["client_id\tpath\tsentence\tgender"]
+    for k in range(4):
+        write_audio(cv / "clips" / f"common_voice_en_{k}.mp3", speech(7, k), "mp3")
+        rows.append(f"c0ffee{'' if k < 2 else '2'}\tcommon_voice_en_{k}.mp3\tsomething\t{'female_feminine'}")
+    (cv / "validated.tsv").write_text("\n".join(rows) + "\n")
+    (cv / "LICENSE").write_text("CC0-1.0\n")
+
+
+def guide_section() -> str:
+    text = (ROOT / "docs" / "training.md").read_text()
+    return text.split("## Train on your own speakers", 1)[1].split("\n## ", 1)[0]
+
+
+def guide_commands() -> list[str]:
+    """Every command of the guide section's ``sh`` blocks, comments dropped, in order."""
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", guide_section(), flags=re.S):
+        for line in block.splitlines():
+            command = line.split("  #", 1)[0].split(" # ", 1)[0].strip()
+            if command:
+                commands.append(command)
+    return commands
+
+
+def run_guide_command(command: str, speakers: Path, data: Path, run: Path, make_vars: str = "") -> str:
+    """One of the guide's commands as written, on ``speakers`` into ``data`` and ``run``, sized by
+    the Makefile's knobs; its output. (corpus-deps only adds festival's other-language voices, which
+    a corpus of 2 catalogue voices per role does not use.)"""
+    line = command.replace("my-speech", str(speakers)).replace("runs/real-ft", str(run))
+    line = line.replace("data/corpus", str(data))
+    if line.startswith("make "):
+        line = f"make -o corpus-deps {line[5:]} DATA={data} REAL_RUN={run} {GUIDE_MAKE_VARS} {make_vars}"
+    proc = subprocess.run(line, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (command, proc.stdout[-3000:], proc.stderr[-3000:])
+    return proc.stdout
+
+
+@pytest.fixture(scope="session")
+def speakers_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("my-speech")
+    lay_out_speakers(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def guide_corpus(speakers_folder, tmp_path_factory) -> Path:
+    """The corpus the guide's first command makes of ``speakers_folder``."""
+    first = guide_commands()[0]
+    assert first == "make corpus REAL_SPEECH=my-speech", first
+    data = tmp_path_factory.mktemp("guide") / "data"
+    run_guide_command(first, speakers_folder, data, data.parent / "run")
+    return data
