@@ -163,7 +163,9 @@ def bench_figures(_: str | None) -> str:
     rows = []
     for path in sorted((ROOT / "bench" / "results").glob("*.json")):
         r = json.loads(path.read_text())
-        cpu = f"{r['machine'].get('cpu', '?')} ({r['machine'].get('cpu_capability', '?')})"
+        m = r["machine"]
+        cpu = f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, family {m.get('cpu_family', '?')} model "
+        cpu += f"{m.get('cpu_model', '?')} ({m.get('cpu_capability', '?')})"
         for precision, x in sorted(r.get("precisions", {}).items()):
             ratio = x.get("achieved_over_ceiling")
             rows.append(
