@@ -44,28 +44,25 @@ class _OpenVinoSilero:
     MIN_RUN = 16  # chunks (0.5 s) each stretch covers at least
     WARM_UP = 16  # chunks (0.5 s) each later stretch starts early
 
-    def __init__(self, core: Any, path: Path) -> None:
-        self._core, self._path = core, path
-        self._requests: dict[int, Any] = {}
+    def __init__(self, compiled: Any) -> None:
+        self._request = compiled.create_infer_request()
 
-    @staticmethod
-    def find() -> tuple[Any, Path] | None:
-        """OpenVINO and the graph's path, or None where either is missing."""
+    @classmethod
+    def compile(cls) -> Any | None:
+        """The graph compiled once with a dynamic batch (any number of stretches), or None where
+        OpenVINO or the graph is missing."""
         try:
             import openvino as ov
             import silero_vad
         except ImportError:
             return None
         path = Path(silero_vad.__file__).parent / "data" / "silero_vad_openvino_16k.onnx"
-        return (ov.Core(), path) if path.is_file() else None
-
-    def _request(self, batch: int) -> Any:
-        if batch not in self._requests:
-            graph = self._core.read_model(str(self._path))
-            graph.reshape({"input": [batch, self.CHUNK + self.CONTEXT], "state": [2, batch, 128]})
-            options = {"INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY"}
-            self._requests[batch] = self._core.compile_model(graph, "CPU", options).create_infer_request()
-        return self._requests[batch]
+        if not path.is_file():
+            return None
+        core = ov.Core()
+        graph = core.read_model(str(path))
+        graph.reshape({"input": ov.PartialShape([-1, cls.CHUNK + cls.CONTEXT]), "state": ov.PartialShape([2, -1, 128])})
+        return core.compile_model(graph, "CPU", {"INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY"})
 
     def probabilities(self, wave: np.ndarray) -> list[float]:
         n = -(-len(wave) // self.CHUNK)
@@ -76,16 +73,14 @@ class _OpenVinoSilero:
         bounds = [round(k * n / streams) for k in range(streams + 1)]
         starts = [max(0, b - (self.WARM_UP if k else 0)) for k, b in enumerate(bounds[:-1])]
         steps = max(bounds[k + 1] - starts[k] for k in range(streams))
-        request = self._request(streams)
+        # every chunk with its context, as rows of a view (no copy)
+        chunks = np.lib.stride_tricks.sliding_window_view(padded, self.CHUNK + self.CONTEXT)[:: self.CHUNK]
+        first = np.asarray(starts)
         state = np.zeros((2, streams, 128), dtype=np.float32)
-        window = self.CHUNK + self.CONTEXT
         out = np.zeros((streams, steps), dtype=np.float32)
-        x = np.zeros((streams, window), dtype=np.float32)
         for t in range(steps):
-            for k in range(streams):
-                i = min(starts[k] + t, n - 1)  # a finished stretch repeats its last chunk, unused
-                x[k] = padded[i * self.CHUNK : i * self.CHUNK + window]
-            result = request.infer({"input": x, "state": state})
+            x = chunks[np.minimum(first + t, n - 1)]  # a finished stretch repeats its last chunk, unused
+            result = self._request.infer({"input": x, "state": state})
             state = np.array(result["stateN"], dtype=np.float32)
             out[:, t] = np.asarray(result["output"], dtype=np.float32).reshape(streams)
         probs: list[float] = []
@@ -113,11 +108,11 @@ class SpeechDetector:
             torch.set_num_threads(threads)
         self._timestamps = get_speech_timestamps
         self._from_probs = get_speech_timestamps_from_probs
-        found = _OpenVinoSilero.find() if backend != "torch" else None
-        self.backend = "torch" if found is None else "openvino"
+        compiled = _OpenVinoSilero.compile() if backend != "torch" else None
+        self.backend = "torch" if compiled is None else "openvino"
         self._models: queue.SimpleQueue[Any] = queue.SimpleQueue()
         for _ in range(max(1, instances)):
-            self._models.put(load_silero_vad() if found is None else _OpenVinoSilero(*found))
+            self._models.put(load_silero_vad() if compiled is None else _OpenVinoSilero(compiled))
 
     @torch.inference_mode()
     def regions(self, wave: Tensor, sample_rate: int = SAMPLE_RATE) -> list[tuple[int, int]]:
