@@ -21,6 +21,7 @@ import json
 import re
 import sys
 from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,9 @@ BLOCK = re.compile(
 )
 
 
+@cache
 def manifest(version: str | None = None) -> dict[str, Any]:
-    """The shipped manifest, or a version shipped before."""
+    """The shipped manifest, or a version shipped before (each read once)."""
     shipped = json.loads((ROOT / "weights" / "manifest.json").read_text())
     if version is None or version == shipped["provenance"]["version"]:
         return shipped

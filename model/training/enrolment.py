@@ -84,25 +84,28 @@ def measure(
     (:func:`recorded_elsewhere`), against profiles enrolled from each length in ``lengths`` of
     clean speech (voices with speech enough for the longest enrolment and the probes)."""
     need = int(max(lengths) / PIECE_S) + probes
-    voices = sorted(v for v, s in streams.items() if len(pieces_of(s)) >= need)
+    cut = {v: pieces_of(s) for v, s in streams.items()}
+    voices = sorted(v for v, pieces in cut.items() if len(pieces) >= need)
     if len(voices) < 2:
         return {"voices": len(voices), "rows": []}
     threshold = model.manifest.identify_threshold or model.manifest.verification_threshold
     rng = random.Random(seed)
     embedded = {}
     for v in voices:
-        pieces = pieces_of(streams[v])[:need]
+        pieces = cut[v][:need]
         pieces[-probes:] = [recorded_elsewhere(p, rng) for p in pieces[-probes:]]
         embedded[v] = [model.infer(p).embedding for p in pieces]
     queries = torch.stack([e for v in voices for e in embedded[v][-probes:]])
     truth = torch.tensor([i for i, _ in enumerate(voices) for _ in range(probes)])
     rows = []
     for length in lengths:
-        count = int(length // PIECE_S) or 1
-        seconds = min(length, PIECE_S) if count == 1 else count * PIECE_S
-        clips = [torch.stack(embedded[v][:count]) for v in voices]
         if length < PIECE_S:  # a shorter enrolment: the start of the first piece
-            clips = [model.infer(pieces_of(streams[v])[0][: int(length * RATE)]).embedding[None] for v in voices]
+            seconds = float(length)
+            clips = [model.infer(cut[v][0][: int(length * RATE)]).embedding[None] for v in voices]
+        else:
+            count = int(length // PIECE_S)
+            seconds = count * PIECE_S
+            clips = [torch.stack(embedded[v][:count]) for v in voices]
         prints = torch.stack([F.normalize(c, dim=-1).sum(0) for c in clips])
         scores, _ = model.verification_scores(queries, prints)
         best, index = scores.max(dim=1)
