@@ -407,8 +407,10 @@ class SpeakerStore:
             profile.embedding_sum = profile.embedding_sum.astype(np.float32)
             profile.clips += len(vectors)
             profile.seconds += seconds
-            known = profile.speech_seconds is not None and speech_seconds is not None
-            profile.speech_seconds = (profile.speech_seconds or 0.0) + (speech_seconds or 0.0) if known else None
+            if profile.speech_seconds is None or speech_seconds is None:
+                profile.speech_seconds = None
+            else:
+                profile.speech_seconds += speech_seconds
             profile.updated_at = _now()
             cur.execute(
                 "UPDATE speakers SET embedding_sum = ?, clips = ?, seconds = ?, speech_seconds = ?, updated_at = ? "
