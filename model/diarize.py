@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
-import scipy.linalg
-from sklearn.cluster import KMeans
 
 MAX_SPEAKERS = 20  # the most speakers /diarize will look for
 K = TypeVar("K", bound=Hashable)
@@ -91,6 +89,11 @@ def estimate_speakers(
     else the largest gap among the Laplacian's smallest eigenvalues within ``[min_speakers,
     max_speakers]``; then clusters nearer than ``merge_cosine`` are merged and small clusters
     (:meth:`DiarizeConfig.small_cluster`) join their nearest, as far as the bounds allow."""
+    # imported here, not at the top: scikit-learn pulls in pandas and scipy.stats (1.3 s on a
+    # 2-core EPYC), which every server start and training command would otherwise pay
+    import scipy.linalg
+    from sklearn.cluster import KMeans
+
     c = config or DiarizeConfig()
     n = len(embeddings)
     if n == 0:
