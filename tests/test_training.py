@@ -371,6 +371,20 @@ def _share_above(wave: torch.Tensor, hz: float) -> float:
     return float(power[torch.fft.rfftfreq(512, 1 / 16000) > hz].sum() / power.sum())
 
 
+def test_corpus_wav_clips_hold_the_samples_ffmpeg_writes(tmp_path):
+    """The corpus writes its 16-bit WAV clips itself, not through FFmpeg: same samples, bit for bit
+    (ties to even, full scale clipped), at both of the corpus's rates, readable by the service."""
+    wave = (torch.rand(24000, generator=torch.Generator().manual_seed(0)) * 2 - 1) * 0.9
+    wave[:6] = torch.tensor([0.5, 1.5, -0.5, 2.5, -40000.0, 40000.0]) / 32768
+    for rate in (16000, 8000):
+        ours, theirs = tmp_path / f"ours-{rate}.wav", tmp_path / f"ffmpeg-{rate}.wav"
+        corpus.encode(wave, rate, "wav", ours)
+        corpus.ffmpeg_write(wave, rate, theirs, corpus.CODEC_OPTIONS["wav"])
+        a, b = load_audio(ours, rate), load_audio(theirs, rate)
+        assert a.shape == b.shape == wave.shape and torch.equal(a, b)
+        assert (a[:6] * 32768).round().tolist() == [0, 2, 0, 2, -32768, 32767]
+
+
 def test_codec_augment_codes_crops_like_low_bitrate_voip():
     t = torch.arange(16000) / 16000
     crop = speech(5)[:16000] + 0.05 * torch.sin(2 * torch.pi * 6000 * t)  # speech plus a 6 kHz tone

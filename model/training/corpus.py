@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import wave as wavfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from functools import cache
@@ -345,9 +346,25 @@ def ffmpeg_write(wave: torch.Tensor, sr: int, out: Path, options: list[str]) -> 
     subprocess.run([*cmd, *options, str(out)], input=wave.numpy().astype("<f4").tobytes(), check=True, timeout=120)
 
 
+def write_wav(wave: torch.Tensor, sr: int, out: Path) -> None:
+    """16-bit mono WAV with the samples FFmpeg's ``pcm_s16le`` writes (each float times 2^15,
+    rounded to the nearest, ties to even, and clipped), without starting FFmpeg (about 85 ms a clip,
+    more than half of making a clip, for over half of a corpus's clips)."""
+    x = wave.detach().to(torch.float32).numpy() * np.float32(1 << 15)
+    pcm = np.clip(np.rint(x), -32768, 32767).astype("<i2")
+    with wavfile.open(str(out), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(sr)
+        f.writeframes(pcm.tobytes())
+
+
 def encode(wave: torch.Tensor, sr: int, codec: str, out: Path) -> None:
     """Write 16-bit WAV, or a lossy codec at a bitrate (``mp3:64k``)."""
     kind, _, rate = codec.partition(":")
+    if kind == "wav" and not rate:
+        write_wav(wave, sr, out)
+        return
     ffmpeg_write(wave, sr, out, CODEC_OPTIONS[kind] + (["-b:a", rate] if rate else []))
 
 
