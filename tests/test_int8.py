@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import model
-from model.training import corpus
 from model.training.evaluate import parity
 from model.training.quantize import main as quantize_main
 from model.training.voices import catalogue
@@ -96,11 +95,11 @@ def test_a_server_with_precision_int8_serves_int8(tmp_path) -> None:
         srv.stop()
 
 
-def test_quantize_makes_an_int8_model_that_the_runtime_checks_and_runs(tmp_path) -> None:
-    """``python -m model.training.quantize`` on a small generated corpus: the IR lands beside the
-    weights, the manifest names it with its sha256s, and int8 follows fp32 on clips it never saw."""
-    data = tmp_path / "corpus"
-    corpus.generate(data, per_voice=6, seed=5, extra_per_voice=2, open_per_voice=3, voice_limit=1)
+def test_quantize_makes_an_int8_model_that_the_runtime_checks_and_runs(tmp_path, guide_corpus) -> None:
+    """``python -m model.training.quantize`` on a small generated corpus (the one the training
+    guide's test makes, synthetic and real clips): the IR lands beside the weights, the manifest
+    names it with its sha256s, and int8 follows fp32 on clips it never saw."""
+    data = guide_corpus
     weights = weights_without_int8(tmp_path / "weights")
     manifest = json.loads((weights / "manifest.json").read_text())
     argv = [
