@@ -50,6 +50,10 @@ def test_the_training_guide_trains_on_a_folder_of_your_own_speakers(guide_corpus
     calibration = metrics["calibration"]
     verification = calibration["verification"]
     assert set(verification["groups"]) == {"synthetic", "real"}
+    # /verify's adaptive s-norm over the training voices outside the 9 classes, real and synthetic
+    background = sum(v["role"] == "train" for v in json.loads((data / "voices.json").read_text()))
+    assert weights.manifest.verification_norm == {"method": "as-norm", "top": background}
+    assert "adaptive s-norm" in verification["source"] and 0 <= verification["eer_cosine"] <= 1
     assert all(g["far"] <= 0.01 for g in verification["groups"].values())
     strictest = max(g["far_threshold"] for g in calibration["known"]["groups"].values())
     assert weights.manifest.known_threshold == pytest.approx(strictest, abs=1e-4)

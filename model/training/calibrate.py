@@ -62,6 +62,10 @@ COHORT_TOP = 3  # nearest background voices averaged in the known-voice score (c
 COHORT_CLIPS = 3  # training clips per background voice for its mean embedding
 # nearest background voices per side in adaptive s-norm: WeSpeaker's recipes' top-N (300), not tuned
 NORM_TOP = 300
+# Fewer background voices than this and /verify scores plain cosines: each side's mean and spread
+# over 2 or 3 cosines are no estimate (with 2 training voices outside the classes the spread came
+# out near zero, and the threshold at 1,160 standard deviations)
+NORM_MIN_VOICES = 10
 # /classify's "known": the share of the open-set validation voices' clips its threshold may take for
 # one of the classes. Issue #13's goal allows 5 % (at least 95 % flagged as none of them); the
 # threshold spends all of it on flagging as few of the classes' own clips as it can (at most 2 % is
@@ -240,7 +244,8 @@ def calibrate(
     if cohort_waves and cohort_voices and cohort_top > 0:
         cohort = cohort_embeddings(embed, cohort_waves, cohort_voices)
         cohort_top = min(cohort_top, len(cohort))  # a small corpus may have fewer background voices
-    norm_top = min(norm_top, len(cohort)) if cohort is not None and norm_top >= 2 else 0
+    too_few = cohort is not None and norm_top >= 2 and len(cohort) < NORM_MIN_VOICES
+    norm_top = min(norm_top, len(cohort)) if cohort is not None and norm_top >= 2 and not too_few else 0
     statistics = norm_statistics(open_val_emb, cohort, norm_top)
     segments = [it.segment for it in open_val_items]
     voices = [it.voice for it in open_val_items]
@@ -264,6 +269,9 @@ def calibrate(
     if statistics is not None:
         source += f", adaptive s-norm scores over each side's {norm_top} nearest background voices"
         counted["eer_cosine"] = open_val["eer_cosine"]
+    elif too_few and cohort is not None:
+        few = len(cohort)
+        source += f", cosine scores ({few} background voices are too few for adaptive s-norm: {NORM_MIN_VOICES})"
     info["verification"] = verification_info(open_val, source, counted, target_far)
     if per_group:
         voice_ids = {v: i for i, v in enumerate(sorted(set(voices)))}
