@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     data_dir: Path = Field(default=ROOT / "var", description="where the default SQLite speaker store lives")
     database_url: str = Field(default="", description="postgresql://... to share speakers between replicas")
+    database_connect_timeout_s: float = Field(
+        default=5.0, gt=0, le=120, description="how long opening the PostgreSQL pool waits for the server"
+    )
 
     @property
     def api_key_list(self) -> list[str]:

@@ -36,7 +36,7 @@ def enrol(
 
 
 def start(env: dict[str, str], weights: Path = SHIPPED_WEIGHTS) -> Server:
-    env = {"BACKEND": "torch", "TORCH_THREADS": "1", "API_KEYS": ",".join(KEYS.values()), **env}
+    env = {"BACKEND": "torch", "API_KEYS": ",".join(KEYS.values()), **env}
     server = Server(env=env, weights=weights)
     server.wait_ready(timeout=180)
     return server
@@ -295,10 +295,10 @@ def test_two_replicas_on_postgres_see_each_others_changes(postgres, tmp_path):
 
 def test_postgres_down_answers_503_and_inference_still_works(tmp_path):
     dead = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
-    server = start({"DATABASE_URL": dead})
+    server = start({"DATABASE_URL": dead, "DATABASE_CONNECT_TIMEOUT_S": "0.5"})
     try:
         with httpx.Client(base_url=server.url, timeout=120) as c:
-            r = c.get("/speakers", headers=auth("a"))
+            r = c.get("/speakers", headers=auth("a"))  # after DATABASE_CONNECT_TIMEOUT_S
             assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable"
             assert c.post("/embed", files={"file": clip(0, 0)}, headers=auth("a")).status_code == 200
     finally:

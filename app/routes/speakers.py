@@ -57,7 +57,8 @@ class SpeakerService:
                 if time.monotonic() - self._failed_at < self.RETRY_S:
                     raise unavailable()
                 try:
-                    db = open_database(self.settings.database_url or None, self.settings.data_dir)
+                    s = self.settings
+                    db = open_database(s.database_url or None, s.data_dir, s.database_connect_timeout_s)
                     migrate(db)
                 except Exception as exc:  # StoreUnavailableError, OSError, the driver's own errors
                     self._failed_at = time.monotonic()
