@@ -36,5 +36,6 @@ def test_every_version_in_the_history_is_rendered_from_its_manifest():
 
 
 def test_readme_and_guide_stay_short():
-    assert len((ROOT / "README.md").read_bytes()) <= 6 * 1024
-    assert len((ROOT / "docs" / "training.md").read_bytes()) <= 25 * 1024
+    # issue 43: at most 6 KB and 25 KB, held in thousands of bytes, the stricter reading
+    assert len((ROOT / "README.md").read_bytes()) <= 6000
+    assert len((ROOT / "docs" / "training.md").read_bytes()) <= 25000
