@@ -31,9 +31,12 @@ class DiarizeConfig:
     prune: float = 0.022  # share of each row of the affinity kept (3D-Speaker's p-pruning); at least 6 entries
     merge_cosine: float = 0.6  # clusters whose centroids are nearer than this are one speaker (chosen on validation)
     # a cluster of fewer windows than this, or than min_cluster_share of all of them (at least 2),
-    # joins its nearest unless a hint forces it (a speaker needs about 6 s of speech to count)
+    # joins its nearest unless a hint forces it (a speaker needs about 6 s of speech to count) ...
     min_cluster_windows: int = 8
     min_cluster_share: float = 0.1
+    # ... when its centroid is at least this near that one's: a voice unlike every other keeps its
+    # cluster however little it spoke (chosen on validation: 0.3 and 0.4 alike)
+    small_cluster_cosine: float = 0.35
 
     def small_cluster(self, windows: int) -> int:
         """Clusters of fewer windows than this join their nearest, in a recording of ``windows``."""
@@ -88,7 +91,8 @@ def estimate_speakers(
     Spectral clustering of the p-pruned cosine affinity; the count is ``num_speakers`` if given,
     else the largest gap among the Laplacian's smallest eigenvalues within ``[min_speakers,
     max_speakers]``; then clusters nearer than ``merge_cosine`` are merged and small clusters
-    (:meth:`DiarizeConfig.small_cluster`) join their nearest, as far as the bounds allow."""
+    (:meth:`DiarizeConfig.small_cluster`) join their nearest where it is alike enough
+    (``small_cluster_cosine``), as far as the bounds allow."""
     # imported here, not at the top: scikit-learn pulls in pandas and scipy.stats (1.3 s on a
     # 2-core EPYC), which every server start and training command would otherwise pay
     import scipy.linalg
@@ -131,8 +135,8 @@ def estimate_speakers(
 
 def _merge(x: np.ndarray, labels: np.ndarray, lo: int, hi: int, c: DiarizeConfig) -> np.ndarray:
     """Merge the two most alike clusters while their centroids are nearer than ``merge_cosine``,
-    a cluster is small (:meth:`DiarizeConfig.small_cluster`), or there are more than ``hi``;
-    never below ``lo``."""
+    a cluster is small (:meth:`DiarizeConfig.small_cluster`) and not unlike every other
+    (``small_cluster_cosine``), or there are more than ``hi``; never below ``lo``."""
     labels = labels.copy()
     while True:
         ids = sorted(set(labels.tolist()))
@@ -143,6 +147,8 @@ def _merge(x: np.ndarray, labels: np.ndarray, lo: int, hi: int, c: DiarizeConfig
         sim = centroids @ centroids.T
         np.fill_diagonal(sim, -np.inf)
         small = np.flatnonzero(sizes < c.small_cluster(len(labels)))
+        if len(small):  # a small cluster unlike every other is a speaker who spoke little
+            small = small[sim[small].max(axis=1) >= c.small_cluster_cosine]
         if len(ids) > hi or sim.max() >= c.merge_cosine:
             a, b = (int(v) for v in np.unravel_index(np.argmax(sim), sim.shape))
         elif len(small):

@@ -187,9 +187,10 @@ def test_turns_change_halfway_between_windows_that_disagree():
     assert len(set(estimate_speakers(one, num_speakers=2).tolist())) == 2
 
 
-def test_a_speaker_with_a_few_seconds_counts_in_a_short_recording_not_in_a_long_one():
+def test_a_few_seconds_of_a_voice_count_as_a_speaker_unless_it_is_alike_a_voice_that_said_much():
     rng = np.random.default_rng(1)
     a, b, c = np.eye(64)[:3] * 3
+    near_a = 3 * (0.5 * np.eye(64)[0] + 0.866 * np.eye(64)[3])  # cosine 0.5 to a: alike, not one voice
 
     def voice(centre: np.ndarray, n: int) -> np.ndarray:
         return centre + 0.3 * rng.normal(size=(n, 64))
@@ -198,11 +199,15 @@ def test_a_speaker_with_a_few_seconds_counts_in_a_short_recording_not_in_a_long_
     short = np.concatenate([voice(a, 10), voice(b, 10), voice(c, 5)])
     assert DiarizeConfig().small_cluster(len(short)) <= 5
     assert len(set(estimate_speakers(short).tolist())) == 3
-    # ... but too little to count beside 200 (a stray cluster joins its nearest), unless a hint asks
-    long = np.concatenate([voice(a, 100), voice(b, 100), voice(c, 5)])
-    assert DiarizeConfig().small_cluster(len(long)) == 8
-    assert len(set(estimate_speakers(long).tolist())) == 2
-    assert len(set(estimate_speakers(long, num_speakers=3).tolist())) == 3
+    # ... and beside 200, when unlike both (a speaker who spoke little) ...
+    distinct = np.concatenate([voice(a, 100), voice(b, 100), voice(c, 5)])
+    assert DiarizeConfig().small_cluster(len(distinct)) == 8
+    assert len(set(estimate_speakers(distinct).tolist())) == 3
+    # ... but not when alike one of them: a stray cluster that joins its nearest, unless a hint asks
+    stray = np.concatenate([voice(a, 100), voice(b, 100), voice(near_a, 5)])
+    labels = estimate_speakers(stray)
+    assert len(set(labels.tolist())) == 2 and set(labels[-5:].tolist()) == {labels[0]}
+    assert len(set(estimate_speakers(stray, num_speakers=3).tolist())) == 3
 
 
 def test_the_evaluation_scores_conversations_of_held_out_voices_with_pyannote():
