@@ -441,7 +441,7 @@ class InferenceService:
         detector = self._speech
         if detector is None or self._worker is None:
             raise ApiError(503, "not_ready", "the model is not loaded yet", {"Retry-After": "1"})
-        found = await loop.run_in_executor(self._decode_pool, detector.regions, wave, rate)
+        found = await loop.run_in_executor(self._decode_pool, detector.regions, wave, rate, True)  # whole
         regions = [(a / rate, b / rate) for a, b in found]
         config = DiarizeConfig()
         spans = windows(regions, config)

@@ -64,12 +64,12 @@ class _OpenVinoSilero:
         graph.reshape({"input": ov.PartialShape([-1, cls.CHUNK + cls.CONTEXT]), "state": ov.PartialShape([2, -1, 128])})
         return core.compile_model(graph, "CPU", {"INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY"})
 
-    def probabilities(self, wave: np.ndarray) -> list[float]:
+    def probabilities(self, wave: np.ndarray, streams: int = STREAMS) -> list[float]:
         n = -(-len(wave) // self.CHUNK)
         # chunk i is padded[64 + 512 i : 64 + 512 (i + 1)], its context the 64 samples before it
         padded = np.zeros(self.CONTEXT + n * self.CHUNK, dtype=np.float32)
         padded[self.CONTEXT : self.CONTEXT + len(wave)] = wave
-        streams = max(1, min(self.STREAMS, n // self.MIN_RUN))
+        streams = max(1, min(streams, n // self.MIN_RUN))
         bounds = [round(k * n / streams) for k in range(streams + 1)]
         starts = [max(0, b - (self.WARM_UP if k else 0)) for k, b in enumerate(bounds[:-1])]
         steps = max(bounds[k + 1] - starts[k] for k in range(streams))
@@ -115,9 +115,12 @@ class SpeechDetector:
             self._models.put(load_silero_vad() if compiled is None else _OpenVinoSilero(compiled))
 
     @torch.inference_mode()
-    def regions(self, wave: Tensor, sample_rate: int = SAMPLE_RATE) -> list[tuple[int, int]]:
+    def regions(self, wave: Tensor, sample_rate: int = SAMPLE_RATE, whole: bool = False) -> list[tuple[int, int]]:
         """Speech regions of a mono 16 kHz ``(N,)`` waveform as ``(start, end)`` sample indices,
-        in order and not overlapping."""
+        in order and not overlapping. ``whole``: chunk after chunk through the whole recording, as
+        Silero's own loop, not as stretches side by side; what /diarize uses, where every second
+        of speech counts (the stretches missed some at their seams: 4.64 % of the validation
+        conversations' speech against 3.37 %), at about 6 times the time (0.5 s for 105 s)."""
         if sample_rate != SAMPLE_RATE:
             raise ValueError(f"speech detection runs at {SAMPLE_RATE} Hz, not {sample_rate}")
         if wave.dim() != 1:
@@ -135,7 +138,8 @@ class SpeechDetector:
         model = self._models.get()
         try:
             if isinstance(model, _OpenVinoSilero):
-                probs = model.probabilities(wave.float().contiguous().numpy())
+                streams = 1 if whole else _OpenVinoSilero.STREAMS
+                probs = model.probabilities(wave.float().contiguous().numpy(), streams)
                 found = self._from_probs(probs, audio_length_samples=wave.numel(), **options)
             else:
                 found = self._timestamps(wave.float().contiguous(), model, **options)

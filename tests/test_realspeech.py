@@ -24,6 +24,7 @@ from tests.conftest import (
     MOSTLY_SILENT,
     SHIPPED_WEIGHTS,
     SR,
+    conversation,
     quiet,
     speech,
     write_audio,
@@ -106,6 +107,17 @@ def test_speech_detector_finds_the_sentence_in_thequiet(backend):
     speech_s = sum(b - a for a, b in regions) / SR
     assert 0.5 * sentence.numel() / SR <= speech_s <= sentence.numel() / SR + 0.2
     assert detector.regions(quiet(4.0)) == []
+
+
+def test_a_whole_recording_is_read_chunk_after_chunk_as_silero_reads_it():
+    """/diarize's regions (``whole``): the OpenVINO graph chunk after chunk through the recording,
+    as Silero's own loop does, so they are the TorchScript model's to within one 32 ms chunk."""
+    wave, _ = conversation([(0, 0), (3, 1), (5, 2), (0, 3), (7, 4), (3, 5)], pause_s=0.4)
+    wave = torch.cat([quiet(1.0), wave, quiet(1.0)])
+    whole = SpeechDetector().regions(wave, whole=True)
+    silero = SpeechDetector(backend="torch").regions(wave)
+    assert len(whole) == len(silero) >= 6
+    assert all(abs(a - c) <= 512 and abs(b - d) <= 512 for (a, b), (c, d) in zip(whole, silero, strict=True))
 
 
 def test_corpus_cuts_real_speech_into_clips_without_itsquiet(real_corpus):

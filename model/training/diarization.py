@@ -151,7 +151,7 @@ def diarize_wave(
 ) -> Diarization:
     """What ``/diarize`` does, in one process (the windows batched 16 to a forward pass)."""
     config = config or DiarizeConfig()
-    regions = [(a / RATE, b / RATE) for a, b in detector.regions(wave, RATE)]
+    regions = [(a / RATE, b / RATE) for a, b in detector.regions(wave, RATE, whole=True)]
     spans = windows(regions, config)
     results = model.infer_many([wave[int(a * RATE) : int(b * RATE)] for a, b in spans], batch_windows=16)
     x = torch.stack([r.embedding for r in results]).numpy() if results else np.zeros((0, model.manifest.embedding_size))
