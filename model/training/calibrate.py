@@ -244,8 +244,9 @@ def calibrate(
     if cohort_waves and cohort_voices and cohort_top > 0:
         cohort = cohort_embeddings(embed, cohort_waves, cohort_voices)
         cohort_top = min(cohort_top, len(cohort))  # a small corpus may have fewer background voices
-    too_few = cohort is not None and norm_top >= 2 and len(cohort) < NORM_MIN_VOICES
-    norm_top = min(norm_top, len(cohort)) if cohort is not None and norm_top >= 2 and not too_few else 0
+    background = len(cohort) if cohort is not None and norm_top >= 2 else 0  # voices s-norm could use
+    too_few = 0 < background < NORM_MIN_VOICES
+    norm_top = min(norm_top, background) if background >= NORM_MIN_VOICES else 0
     statistics = norm_statistics(open_val_emb, cohort, norm_top)
     segments = [it.segment for it in open_val_items]
     voices = [it.voice for it in open_val_items]
@@ -269,9 +270,8 @@ def calibrate(
     if statistics is not None:
         source += f", adaptive s-norm scores over each side's {norm_top} nearest background voices"
         counted["eer_cosine"] = open_val["eer_cosine"]
-    elif too_few and cohort is not None:
-        few = len(cohort)
-        source += f", cosine scores ({few} background voices are too few for adaptive s-norm: {NORM_MIN_VOICES})"
+    elif too_few:
+        source += f", cosine scores ({background} background voices are too few for adaptive s-norm: {NORM_MIN_VOICES})"
     info["verification"] = verification_info(open_val, source, counted, target_far)
     if per_group:
         voice_ids = {v: i for i, v in enumerate(sorted(set(voices)))}
