@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     command = command_line("model.training.enrolment", argv)
     try:
-        check_record_key(args.record or "ok")
+        if args.record:
+            check_record_key(args.record)
         model = load(args.weights_dir).configure(args.precision, False, args.backend)
         report = evaluate_enrolment(model, args.data_dir, args.split, args.tolerance, args.sentences)
         if args.record:
