@@ -98,7 +98,14 @@ class SpeechDetector:
     make one detector per process."""
 
     def __init__(self, config: VadConfig | None = None, backend: str = "auto", instances: int = 1) -> None:
-        self.config = config or VadConfig()
+        self.config = c = config or VadConfig()
+        self._options = {
+            "threshold": c.threshold,
+            "sampling_rate": SAMPLE_RATE,
+            "min_speech_duration_ms": c.min_speech_ms,
+            "min_silence_duration_ms": c.min_silence_ms,
+            "speech_pad_ms": c.pad_ms,
+        }
         # silero_vad sets torch's thread count to 1 when imported: keep the caller's
         threads = torch.get_num_threads()
         try:
@@ -127,22 +134,13 @@ class SpeechDetector:
             raise ValueError(f"want a mono (N,) waveform, not {tuple(wave.shape)}")
         if wave.numel() < SAMPLE_RATE // 10:
             return []
-        c = self.config
-        options = {
-            "threshold": c.threshold,
-            "sampling_rate": SAMPLE_RATE,
-            "min_speech_duration_ms": c.min_speech_ms,
-            "min_silence_duration_ms": c.min_silence_ms,
-            "speech_pad_ms": c.pad_ms,
-        }
         model = self._models.get()
         try:
             if isinstance(model, _OpenVinoSilero):
-                streams = 1 if whole else _OpenVinoSilero.STREAMS
-                probs = model.probabilities(wave.float().contiguous().numpy(), streams)
-                found = self._from_probs(probs, audio_length_samples=wave.numel(), **options)
+                probs = model.probabilities(wave.float().contiguous().numpy(), 1 if whole else model.STREAMS)
+                found = self._from_probs(probs, audio_length_samples=wave.numel(), **self._options)
             else:
-                found = self._timestamps(wave.float().contiguous(), model, **options)
+                found = self._timestamps(wave.float().contiguous(), model, **self._options)
         finally:
             self._models.put(model)
         return [(int(r["start"]), int(r["end"])) for r in found]
