@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -441,7 +442,7 @@ class InferenceService:
         detector = self._speech
         if detector is None or self._worker is None:
             raise ApiError(503, "not_ready", "the model is not loaded yet", {"Retry-After": "1"})
-        found = await loop.run_in_executor(self._decode_pool, detector.regions, wave, rate, True)  # whole
+        found = await loop.run_in_executor(self._decode_pool, partial(detector.regions, wave, rate, whole=True))
         regions = [(a / rate, b / rate) for a, b in found]
         config = DiarizeConfig()
         spans = windows(regions, config)
