@@ -140,7 +140,7 @@ class PostgresDatabase:
 
     dialect = "postgresql"
 
-    def __init__(self, url: str, max_size: int = 4, connect_timeout_s: float = 5.0) -> None:
+    def __init__(self, url: str, connect_timeout_s: float, max_size: int = 4) -> None:
         from psycopg_pool import ConnectionPool
 
         self._pool = ConnectionPool(url, min_size=1, max_size=max_size, open=False, timeout=10.0)
@@ -159,13 +159,13 @@ class PostgresDatabase:
         self._pool.close()
 
 
-def open_database(url: str | None, data_dir: Path, connect_timeout_s: float = 5.0) -> Database:
+def open_database(url: str | None, data_dir: Path, connect_timeout_s: float) -> Database:
     """``postgresql://...`` (waiting up to ``connect_timeout_s`` for the server), ``sqlite:///path``,
     or (no URL) an SQLite file under ``data_dir``."""
     if not url:
         return SqliteDatabase(data_dir / "speakers.sqlite3")
     if url.startswith(("postgresql://", "postgres://")):
-        return PostgresDatabase(url, connect_timeout_s=connect_timeout_s)
+        return PostgresDatabase(url, connect_timeout_s)
     if url.startswith("sqlite:///"):
         return SqliteDatabase(Path(url.removeprefix("sqlite:///")))
     raise StoreUnavailableError("DATABASE_URL must start with postgresql:// or sqlite:///")
