@@ -120,6 +120,13 @@ class SpeechDetector:
         self._models: queue.SimpleQueue[Any] = queue.SimpleQueue()
         for _ in range(max(1, instances)):
             self._models.put(load_silero_vad() if compiled is None else _OpenVinoSilero(compiled))
+        # Each copy reads a second of silence here, one after the other: OpenVINO's Python binding
+        # sets up statics of its own on the first inference, and two first inferences on two
+        # threads at once can deadlock on them with the GIL (one waits for the static with the
+        # GIL held, the other, inside it, for the GIL): every decode thread of the service hung.
+        silence = torch.zeros(SAMPLE_RATE)
+        for _ in range(max(1, instances)):
+            self.regions(silence)
 
     @torch.inference_mode()
     def regions(self, wave: Tensor, sample_rate: int = SAMPLE_RATE, whole: bool = False) -> list[tuple[int, int]]:

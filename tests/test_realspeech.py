@@ -5,6 +5,8 @@ teacher: tests/test_guide.py, on the same corpus.)"""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from tests.conftest import (
     GUIDE_REAL,
     GUIDE_SIZE,
     MOSTLY_SILENT,
+    ROOT,
     SHIPPED_WEIGHTS,
     SR,
     conversation,
@@ -118,6 +121,43 @@ def test_a_whole_recording_is_read_chunk_after_chunk_as_silero_reads_it():
     silero = SpeechDetector(backend="torch").regions(wave)
     assert len(whole) == len(silero) >= 6
     assert all(abs(a - c) <= 512 and abs(b - d) <= 512 for (a, b), (c, d) in zip(whole, silero, strict=True))
+
+
+# A fresh process (OpenVINO's statics are set up once per process) whose two decode threads ask a
+# new detector for speech at the same moment, while a third keeps the GIL changing hands.
+FIRST_CALLS_AT_ONCE = """
+import sys, threading, torch
+from model.speech import SpeechDetector
+detector = SpeechDetector(instances=2)
+sys.setswitchinterval(1e-6)
+threading.Thread(target=lambda: [sum(range(100)) for _ in iter(int, 1)], daemon=True).start()
+barrier, done = threading.Barrier(2), []
+def call():
+    barrier.wait()
+    done.append(len(detector.regions(0.1 * torch.randn(3 * 16000))))
+threads = [threading.Thread(target=call, daemon=True) for _ in range(2)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join(20)
+print("answered", len(done), flush=True)
+"""
+
+
+def test_the_first_calls_of_two_threads_at_once_both_answer():
+    """The service's two decode threads may both find speech for the first time together. That
+    deadlocked in OpenVINO's binding (in 10 of 12 such processes) and hung every later request;
+    the detector now runs each copy once as it is made. Three processes side by side, each bounded."""
+    command = [sys.executable, "-c", FIRST_CALLS_AT_ONCE]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    procs = [subprocess.Popen(command, cwd=ROOT, text=True, **pipes) for _ in range(3)]
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=60)
+            assert out.strip().endswith("answered 2"), (out, err[-2000:])
+    finally:
+        for proc in procs:
+            proc.kill()
 
 
 def test_corpus_cuts_real_speech_into_clips_without_itsquiet(real_corpus):
