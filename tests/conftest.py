@@ -183,6 +183,13 @@ def server() -> Iterator[Server]:
 
 
 @pytest.fixture(scope="session")
+def openvino_cache(tmp_path_factory) -> Path:
+    """One OpenVINO cache for the in-process models of the suite, as a server keeps one: the
+    shipped network is converted once (about 3 s), then read back."""
+    return tmp_path_factory.mktemp("openvino-cache")
+
+
+@pytest.fixture(scope="session")
 def client(server: Server) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=120.0) as c:
         yield c

@@ -41,10 +41,10 @@ def test_split_waves(tmp_path_factory) -> list[torch.Tensor]:
     ("backend", "precision", "channels_last"),
     [("torch", "fp32", True), ("torch", "bf16", True), ("openvino", "fp32", False), ("openvino", "auto", False)],
 )
-def test_every_execution_matches_fp32(test_split_waves, backend, precision, channels_last):
+def test_every_execution_matches_fp32(test_split_waves, openvino_cache, backend, precision, channels_last):
     """Where bf16 is not native it is emulated (about 100x slower), so clips are cut to 2.5 s."""
     reference = model.load(SHIPPED_WEIGHTS)
-    fast = model.load(SHIPPED_WEIGHTS).configure(precision, channels_last, backend)
+    fast = model.load(SHIPPED_WEIGHTS).configure(precision, channels_last, backend, openvino_cache)
     assert fast.backend == backend
     result = parity(fast, reference, [w[:40000] for w in test_split_waves])
     assert result["top1_agreement"] >= 0.995, result
@@ -61,8 +61,8 @@ def test_auto_precision_is_bf16_only_where_native():
 
 
 @pytest.mark.parametrize("backend", ["torch", "openvino"])
-def test_batching_only_equal_length_windows_never_changes_a_result(backend):
-    m = model.load(SHIPPED_WEIGHTS).configure("fp32", channels_last=True, backend=backend)
+def test_batching_only_equal_length_windows_never_changes_a_result(openvino_cache, backend):
+    m = model.load(SHIPPED_WEIGHTS).configure("fp32", channels_last=True, backend=backend, cache_dir=openvino_cache)
     waves = [speech(0, 0), speech(3, 1), speech(0, 0), speech(5, 2)[:30000], speech(7, 3).repeat(4)]
     alone = [m.infer(w, window_s=6.0) for w in waves]
     together = m.infer_many(waves, window_s=6.0, batch_windows=4)
