@@ -27,8 +27,10 @@ def main() -> int:
             log_config=None,
             access_log=False,
         )
-    except SystemExit as exc:
-        return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
+    except SystemExit as exc:  # the code sys.exit was given: none is 0, a message is 1
+        if exc.code is None:
+            return 0
+        return exc.code if isinstance(exc.code, int) else 1
     return 0
 
 

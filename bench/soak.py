@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import random
 import sys
 import time
-import wave
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,17 +26,7 @@ import numpy as np
 
 from bench.clips import ensure
 from bench.run import ROOT, Server, rss_mb
-from model.audio import decode
-
-
-def wav_bytes(samples: np.ndarray, sr: int) -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(sr)
-        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-    return buf.getvalue()
+from model.audio import decode, wav_pcm16
 
 
 @dataclass
@@ -62,7 +50,7 @@ async def soak(server: Server, speech: np.ndarray, sr: int, args: argparse.Names
             start = rng.randrange(0, len(speech) - n)
             r = await http.post(
                 server.url + "/embed",
-                content=wav_bytes(speech[start : start + n], sr),
+                content=wav_pcm16(speech[start : start + n], sr),
                 headers={"Content-Type": "audio/wav"},
             )
             result.failures += r.status_code != 200

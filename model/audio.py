@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import wave as wave_file
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -350,6 +351,20 @@ def encode(wave: Tensor, sample_rate: int, codec: str, bitrate: int, options: di
         frame.sample_rate = sample_rate
         for packet in [*stream.encode(frame), *stream.encode(None)]:
             container.mux(packet)
+    return buf.getvalue()
+
+
+def wav_pcm16(wave: Tensor | np.ndarray, sample_rate: int) -> bytes:
+    """A mono float waveform -> a 16-bit WAV file's bytes, with the samples FFmpeg's ``pcm_s16le``
+    writes (each float times 2^15, rounded to the nearest, ties to even, and clipped), made here
+    rather than by starting FFmpeg (about 85 ms a clip)."""
+    x = np.asarray(wave.detach().cpu() if isinstance(wave, Tensor) else wave, dtype=np.float32) * np.float32(1 << 15)
+    buf = io.BytesIO()
+    with wave_file.open(buf, "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(sample_rate)
+        f.writeframes(np.clip(np.rint(x), -32768, 32767).astype("<i2").tobytes())
     return buf.getvalue()
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.audio import resample
+from model.audio import resample, wav_pcm16
 from model.training.corpus import SENTENCE_POOL, VOICES, ffmpeg_write, speak, synthesise, voice_named
 from model.training.sentences import sentences
 
@@ -91,7 +91,8 @@ def encode(wave: torch.Tensor, fmt: str, rate: int = 16000, channels: int = 1, s
 
 
 def wav_bytes(wave: torch.Tensor, rate: int = 16000) -> bytes:
-    return encode(wave, "wav-s16", rate=rate, src_rate=rate)
+    """16-bit WAV of ``wave`` at its own ``rate``: FFmpeg's samples (``wav-s16``), made in-process."""
+    return wav_pcm16(wave, rate)
 
 
 def poll(condition: Callable[[], bool], timeout: float = 60.0) -> None:
