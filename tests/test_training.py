@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import shutil
@@ -130,12 +131,16 @@ def test_every_catalogue_espeak_voice_sounds_different():
     """Two labels for one voice teach the embedding that one voice is two (and a held-out voice
     that is a training voice under another name is no held-out voice). espeak-ng silently ignores
     some variants: this hears each voice of the catalogue say the same sentence."""
-    seen: dict[str, str] = {}
-    for v in voices.catalogue():
-        if v.engine != "espeak" or v.warp != 1.0:
-            continue
+
+    def say(v: voices.Voice) -> subprocess.CompletedProcess[bytes]:
         cmd = [*corpus.espeak_command(v), "--stdout", "Seven bright voices read the quiet letter aloud."]
-        done = subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+        return subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+
+    heard = [v for v in voices.catalogue() if v.engine == "espeak" and v.warp == 1.0]
+    seen: dict[str, str] = {}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # one espeak-ng process per voice, 4 at a time
+        said = list(pool.map(say, heard))
+    for v, done in zip(heard, said, strict=True):
         assert not done.stderr, f"{v.label}: {done.stderr.decode()}"  # e.g. espeak-ng's voice list is full
         digest = hashlib.sha256(done.stdout[44:]).hexdigest()  # past the header
         assert digest not in seen, f"{v.label} sounds exactly like {seen[digest]}"
