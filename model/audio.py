@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-import wave as wave_file
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -334,12 +333,12 @@ def _decode_mono(
 
 
 # FFmpeg encoder -> the container it usually travels in.
-CONTAINERS = {"libopus": "ogg", "libmp3lame": "mp3", "aac": "adts"}
+CONTAINERS = {"libopus": "ogg", "libmp3lame": "mp3", "aac": "adts", "pcm_s16le": "wav"}
 
 
 def encode(wave: Tensor, sample_rate: int, codec: str, bitrate: int, options: dict[str, str] | None = None) -> bytes:
-    """A mono float waveform -> a lossy file's bytes: ``codec`` (an FFmpeg encoder in
-    ``CONTAINERS``) at ``bitrate`` b/s, with encoder ``options`` (e.g. libopus ``cutoff``)."""
+    """A mono float waveform -> a file's bytes: ``codec`` (an FFmpeg encoder in ``CONTAINERS``) at
+    ``bitrate`` b/s (unused by PCM), with encoder ``options`` (e.g. libopus ``cutoff``)."""
     buf = io.BytesIO()
     with av.open(buf, "w", format=CONTAINERS[codec]) as container:
         stream = container.add_stream(codec, rate=sample_rate, layout="mono")
@@ -355,17 +354,9 @@ def encode(wave: Tensor, sample_rate: int, codec: str, bitrate: int, options: di
 
 
 def wav_pcm16(wave: Tensor | np.ndarray, sample_rate: int) -> bytes:
-    """A mono float waveform -> a 16-bit WAV file's bytes, with the samples FFmpeg's ``pcm_s16le``
-    writes (each float times 2^15, rounded to the nearest, ties to even, and clipped), made here
-    rather than by starting FFmpeg (about 85 ms a clip)."""
-    x = np.asarray(wave.detach().cpu() if isinstance(wave, Tensor) else wave, dtype=np.float32) * np.float32(1 << 15)
-    buf = io.BytesIO()
-    with wave_file.open(buf, "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(sample_rate)
-        f.writeframes(np.clip(np.rint(x), -32768, 32767).astype("<i2").tobytes())
-    return buf.getvalue()
+    """A mono float waveform -> a 16-bit WAV file's bytes, by FFmpeg's own ``pcm_s16le`` encoder
+    in-process (starting FFmpeg costs about 85 ms a clip)."""
+    return encode(torch.as_tensor(wave, dtype=torch.float32), sample_rate, "pcm_s16le", 0)
 
 
 def load(path: str | Path, sample_rate: int, max_seconds: float | None = None) -> Tensor:
