@@ -117,15 +117,16 @@ class SpeechDetector:
         self._from_probs = get_speech_timestamps_from_probs
         compiled = _OpenVinoSilero.compile() if backend != "torch" else None
         self.backend = "torch" if compiled is None else "openvino"
+        copies = max(1, instances)
         self._models: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        for _ in range(max(1, instances)):
+        for _ in range(copies):
             self._models.put(load_silero_vad() if compiled is None else _OpenVinoSilero(compiled))
         # Each copy reads a second of silence here, one after the other: OpenVINO's Python binding
         # sets up statics of its own on the first inference, and two first inferences on two
         # threads at once can deadlock on them with the GIL (one waits for the static with the
         # GIL held, the other, inside it, for the GIL): every decode thread of the service hung.
         silence = torch.zeros(SAMPLE_RATE)
-        for _ in range(max(1, instances)):
+        for _ in range(copies):  # the queue hands out each copy in turn
             self.regions(silence)
 
     @torch.inference_mode()
