@@ -14,7 +14,7 @@ from scipy.optimize import linear_sum_assignment
 
 import model
 from client import Client
-from model.diarize import DiarizeConfig, estimate_speakers, turns, windows
+from model.diarize import DiarizeConfig, diarize, estimate_speakers, turns, windows
 from model.training.data import UNLABELLED, Item
 from model.training.diarization import evaluate_diarization, format_diarization
 from model.training.voices import catalogue
@@ -185,6 +185,25 @@ def test_turns_change_halfway_between_windows_that_disagree():
     one = rng.normal(size=(1, 64)) + 0.05 * rng.normal(size=(30, 64))
     assert set(estimate_speakers(one).tolist()) == {0}
     assert len(set(estimate_speakers(one, num_speakers=2).tolist())) == 2
+
+
+def test_speakers_found_on_long_windows_change_where_the_short_windows_hear_it():
+    """The long windows (3 s, each the mean of the short windows inside it) find the speakers; the
+    one astride the change leans to the first voice, and the short windows still place the change
+    where their own voices change (at 6 s), not where the long windows' labels change (7.1 s)."""
+    regions = [(0.0, 12.0)]
+    config = DiarizeConfig()
+    wins, long_wins = windows(regions, config), windows(regions, config, clustering=True)
+    assert long_wins[3] == (4.5, 7.5) and all(b - a == 3.0 for a, b in long_wins)
+    a, b = np.eye(64)[:2]
+    rng = np.random.default_rng(2)
+    share = np.array([(min(e, 6.0) - min(s, 6.0)) / (e - s) for s, e in wins])[:, None]
+    share[wins.index((5.25, 6.75))] = 0.8  # the short window astride the change: nearer the first voice
+    x = share * a + (1 - share) * b + 0.05 * rng.normal(size=(len(wins), 64))
+    found = diarize(12.0, regions, wins, x, config=config)
+    assert found.speakers == 2 and [t.speaker for t in found.turns] == [0, 1]
+    assert abs(found.turns[0].end - 6.0) <= 0.4  # within about half a short window's hop
+    assert diarize(12.0, regions, wins, x, num_speakers=1, config=config).speakers == 1  # a hint holds
 
 
 def test_a_few_seconds_of_a_voice_count_as_a_speaker_unless_it_is_alike_a_voice_that_said_much():

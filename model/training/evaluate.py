@@ -21,6 +21,7 @@ The tensors, and so the weights' sha256, do not change.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import re
@@ -495,6 +496,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--merge-cosine", type=float, help="with --diarization: merge clusters nearer than this (default: /diarize's)"
     )
+    parser.add_argument(
+        "--cluster-window",
+        type=float,
+        nargs=2,
+        metavar=("LENGTH_S", "HOP_S"),
+        help="with --diarization: the windows that find the speakers (default /diarize's: 3 1.5; 1.5 0.75: one scale)",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--backend", default="torch", choices=list(BACKENDS))
     parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
@@ -523,7 +531,12 @@ def main(argv: list[str] | None = None) -> int:
             summary = parity(model, load(args.weights_dir), waves, [it.voice for it in items])
             summary["split"] = split
         elif args.diarization:
-            config = DiarizeConfig() if args.merge_cosine is None else DiarizeConfig(merge_cosine=args.merge_cosine)
+            config = DiarizeConfig()
+            if args.merge_cosine is not None:
+                config = dataclasses.replace(config, merge_cosine=args.merge_cosine)
+            if args.cluster_window:
+                length, hop = args.cluster_window
+                config = dataclasses.replace(config, cluster_window_s=length, cluster_hop_s=hop)
             items = scan(args.data_dir, model.labels).split(split)
             summary = evaluate_diarization(model, items, args.conversations, args.seed, config, progress=log.info)
             summary["split"] = split
