@@ -195,27 +195,29 @@ def speaker_labels(
     hint asks, the short windows are clustered themselves. Numbered in order of first appearance."""
     c = config or DiarizeConfig()
     long_wins = windows(regions, c, clustering=True)
-    if not wins or not long_wins:
-        return estimate_speakers(embeddings, num_speakers, min_speakers, max_speakers, c)
-    raw = np.asarray(embeddings, dtype=np.float64)
-    spans, long_spans = np.array(wins), np.array(long_wins)  # both sorted by start and by end
-    first_inside = np.searchsorted(spans[:, 0], long_spans[:, 0] - 1e-6, side="left")
-    past_inside = np.maximum(np.searchsorted(spans[:, 1], long_spans[:, 1] + 1e-6, side="right"), first_inside + 1)
-    sums = np.concatenate([np.zeros((1, raw.shape[1])), np.cumsum(raw, axis=0)])
-    long_x = (sums[past_inside] - sums[first_inside]) / (past_inside - first_inside)[:, None]
-    found = estimate_speakers(long_x, num_speakers, min_speakers, max_speakers, c)
-    centres, long_centres = spans.mean(axis=1), long_spans.mean(axis=1)
-    after = np.searchsorted(long_centres, centres)
-    left, right = np.clip(after - 1, 0, len(found) - 1), np.clip(after, 0, len(found) - 1)
-    first = found[np.where(np.abs(long_centres[left] - centres) <= np.abs(long_centres[right] - centres), left, right)]
-    x = _unit(raw)
-    speakers = np.unique(first)
-    centroids = _unit(np.stack([x[first == k].mean(axis=0) for k in speakers]))
-    labels = _by_first_appearance(speakers[np.argmax(x @ centroids.T, axis=1)])
-    lo = num_speakers if num_speakers is not None else min_speakers
-    if int(labels.max()) + 1 < min(lo, len(wins)):  # a speaker lost between the scales: honour the hint
-        return estimate_speakers(embeddings, num_speakers, min_speakers, max_speakers, c)
-    return labels
+    if wins and long_wins:
+        raw = np.asarray(embeddings, dtype=np.float64)
+        spans, long_spans = np.array(wins), np.array(long_wins)  # both sorted by start and by end
+        first_inside = np.searchsorted(spans[:, 0], long_spans[:, 0] - 1e-6, side="left")
+        past_inside = np.searchsorted(spans[:, 1], long_spans[:, 1] + 1e-6, side="right")
+        past_inside = np.maximum(past_inside, first_inside + 1)
+        sums = np.concatenate([np.zeros((1, raw.shape[1])), np.cumsum(raw, axis=0)])
+        long_x = (sums[past_inside] - sums[first_inside]) / (past_inside - first_inside)[:, None]
+        found = estimate_speakers(long_x, num_speakers, min_speakers, max_speakers, c)
+        centres, long_centres = spans.mean(axis=1), long_spans.mean(axis=1)
+        after = np.searchsorted(long_centres, centres)
+        left, right = np.clip(after - 1, 0, len(found) - 1), np.clip(after, 0, len(found) - 1)
+        nearest = np.where(np.abs(long_centres[left] - centres) <= np.abs(long_centres[right] - centres), left, right)
+        first = found[nearest]
+        x = _unit(raw)
+        speakers = np.unique(first)
+        centroids = _unit(np.stack([x[first == k].mean(axis=0) for k in speakers]))
+        labels = _by_first_appearance(speakers[np.argmax(x @ centroids.T, axis=1)])
+        lo = num_speakers if num_speakers is not None else min_speakers
+        if int(labels.max()) + 1 >= min(lo, len(wins)):
+            return labels
+    # no windows, or a speaker a hint asks for lost between the scales: the short windows alone
+    return estimate_speakers(embeddings, num_speakers, min_speakers, max_speakers, c)
 
 
 def _by_first_appearance(labels: np.ndarray) -> np.ndarray:
