@@ -206,6 +206,20 @@ def test_speakers_found_on_long_windows_change_where_the_short_windows_hear_it()
     assert diarize(12.0, regions, wins, x, num_speakers=1, config=config).speakers == 1  # a hint holds
 
 
+def test_a_hinted_count_the_long_windows_cannot_hold_is_found_on_the_short_windows():
+    """3.5 s of three voices asked for as three speakers: two 3 s windows can hold only two
+    speakers, so the 1.5 s windows are clustered themselves and the hint holds."""
+    regions = [(0.0, 3.5)]
+    config = DiarizeConfig()
+    wins = windows(regions, config)
+    assert len(wins) == 4 and len(windows(regions, config, clustering=True)) == 2
+    a, b, c = np.eye(64)[:3]
+    x = np.stack([a, a, b, c]) + 0.05 * np.random.default_rng(0).normal(size=(4, 64))
+    for hint in ({"num_speakers": 3}, {"min_speakers": 3}):
+        found = diarize(3.5, regions, wins, x, config=config, **hint)
+        assert found.speakers == 3 and [t.speaker for t in found.turns] == [0, 1, 2], hint
+
+
 def test_a_few_seconds_of_a_voice_count_as_a_speaker_unless_it_is_alike_a_voice_that_said_much():
     rng = np.random.default_rng(1)
     a, b, c = np.eye(64)[:3] * 3
