@@ -187,6 +187,23 @@ def test_turns_change_halfway_between_windows_that_disagree():
     assert len(set(estimate_speakers(one, num_speakers=2).tolist())) == 2
 
 
+def test_a_short_pause_of_one_speaker_stays_inside_the_turn():
+    """A pause no longer than twice the scoring collar (0.5 s) inside one voice's speech is part of
+    its turn; a longer one, or a pause before another voice, still ends it."""
+    regions = [(0.0, 3.0), (3.4, 6.0), (6.8, 9.0), (9.3, 12.0)]
+    config = DiarizeConfig()
+    wins = windows(regions, config)
+    labels = np.array([0 if (a + b) / 2 < 9.1 else 1 for a, b in wins])
+    spans = [(t.start, t.end, t.speaker) for t in turns(regions, wins, labels, config.bridge_s)]
+    assert spans == [(0.0, 6.0, 0), (6.8, 9.0, 0), (9.3, 12.0, 1)]
+    assert len(turns(regions, wins, labels)) == 4  # without bridging, every pause ends a turn
+    a, b = np.eye(64)[:2]
+    x = np.stack([a if lab == 0 else b for lab in labels]) + 0.05 * np.random.default_rng(0).normal(size=(len(wins), 64))
+    found = diarize(12.0, regions, wins, x, config=config)
+    assert [(t.start, t.end) for t in found.turns] == [(0.0, 6.0), (6.8, 9.0), (9.3, 12.0)]
+    assert found.speech_s == pytest.approx([6.0 + 2.2, 2.7])
+
+
 def test_speakers_found_on_long_windows_change_where_the_short_windows_hear_it():
     """The long windows (3 s, each the mean of the short windows inside it) find the speakers; the
     one astride the change leans to the first voice, and the short windows still place the change
