@@ -198,7 +198,8 @@ def test_a_short_pause_of_one_speaker_stays_inside_the_turn():
     assert spans == [(0.0, 6.0, 0), (6.8, 9.0, 0), (9.3, 12.0, 1)]
     assert len(turns(regions, wins, labels)) == 4  # without bridging, every pause ends a turn
     a, b = np.eye(64)[:2]
-    x = np.stack([a if lab == 0 else b for lab in labels]) + 0.05 * np.random.default_rng(0).normal(size=(len(wins), 64))
+    noise = 0.05 * np.random.default_rng(0).normal(size=(len(wins), 64))
+    x = np.stack([a if lab == 0 else b for lab in labels]) + noise
     found = diarize(12.0, regions, wins, x, config=config)
     assert [(t.start, t.end) for t in found.turns] == [(0.0, 6.0), (6.8, 9.0), (9.3, 12.0)]
     assert found.speech_s == pytest.approx([6.0 + 2.2, 2.7])
