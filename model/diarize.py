@@ -4,9 +4,10 @@ The method is the one 3D-Speaker and WeSpeaker use, written here for this networ
 as NeMo's multi-scale diarization does: speech regions (Silero VAD, ``model/speech.py``) are cut
 into short overlapping windows, each embedded, and a long window's embedding is the mean of the
 short ones inside it. The long windows, whose embeddings are surer of a voice, find the speakers:
-spectral clustering on a pruned cosine affinity (the number of speakers from the largest eigengap
-of its Laplacian, unless the caller gives it or bounds it), then clusters whose centroids are as
-alike as one speaker's are merged. The short windows, which place a change of speaker more
+spectral clustering on a pruned cosine affinity (the number of clusters from the largest eigengap
+of its Laplacian), then clusters whose centroids are as alike as one speaker's are merged, and
+the caller's hints bound that merging (pauses of one speaker shorter than ``bridge_s`` stay
+inside the turn). The short windows, which place a change of speaker more
 closely, then each take the speaker whose centroid (of the short windows the long ones put there)
 is nearest, and each stretch of speech takes the speaker of the short windows nearest it, so a
 turn changes halfway between two windows' centres.
@@ -108,11 +109,10 @@ def estimate_speakers(
 ) -> np.ndarray:
     """A speaker index per row of ``embeddings`` ``(N, D)``, numbered in order of first appearance.
 
-    Spectral clustering of the p-pruned cosine affinity; the count is ``num_speakers`` if given,
-    else the largest gap among the Laplacian's smallest eigenvalues within ``[min_speakers,
-    max_speakers]``; then clusters nearer than ``merge_cosine`` are merged and small clusters
-    (:meth:`DiarizeConfig.small_cluster`) join their nearest where it is alike enough
-    (``small_cluster_cosine``), as far as the bounds allow."""
+    Spectral clustering of the p-pruned cosine affinity, as many clusters as the largest gap
+    among the Laplacian's smallest eigenvalues says (at least ``min_speakers``, or
+    ``num_speakers``; at most ``MAX_SPEAKERS``); then :func:`_merge` brings them within the bounds
+    (``num_speakers``, else ``min_speakers``..``max_speakers``)."""
     # imported here, not at the top: scikit-learn pulls in pandas and scipy.stats (1.3 s on a
     # 2-core EPYC), which every server start and training command would otherwise pay
     import scipy.linalg
@@ -142,21 +142,23 @@ def estimate_speakers(
         np.fill_diagonal(pruned, 0.0)
         laplacian = np.diag(np.abs(pruned).sum(axis=1)) - pruned
         values, vectors = scipy.linalg.eigh(laplacian)
-        if lo == hi:
-            k = lo
-        else:
-            gaps = np.diff(values[: hi + 1])  # gap after the k-th smallest eigenvalue, k = 1..hi
-            k = lo + int(np.argmax(gaps[lo - 1 : hi]))
-        k = min(k, n)
+        # the gap is looked for up to MAX_SPEAKERS whatever the hints, and _merge brings the count
+        # within them: KMeans forced to a hinted count on the spectral embedding split voices and
+        # joined others (on validation a right num_speakers scored worse than no hint)
+        most = min(MAX_SPEAKERS, n - 1)
+        gaps = np.diff(values[: most + 1])  # gap after the k-th smallest eigenvalue, k = 1..most
+        k = min(lo + int(np.argmax(gaps[lo - 1 : most])) if lo <= most else lo, n)
         labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(vectors[:, :k])
     labels = _merge(x, labels, lo, hi, c)
     return _by_first_appearance(labels)
 
 
 def _merge(x: np.ndarray, labels: np.ndarray, lo: int, hi: int, c: DiarizeConfig) -> np.ndarray:
-    """Merge the two most alike clusters while their centroids are nearer than ``merge_cosine``,
-    a cluster is small (:meth:`DiarizeConfig.small_cluster`) and not unlike every other
-    (``small_cluster_cosine``), or there are more than ``hi``; never below ``lo``."""
+    """Merge the two most alike clusters while their centroids are nearer than ``merge_cosine``;
+    then a small cluster (:meth:`DiarizeConfig.small_cluster`) that is not unlike every other
+    (``small_cluster_cosine``) joins its nearest; then, while there are more than ``hi``, the
+    smallest joins its nearest (a hint's count is reached by folding in the least speech, not by
+    joining two voices that each said much). Never below ``lo``."""
     labels = labels.copy()
     while True:
         ids = sorted(set(labels.tolist()))
@@ -169,10 +171,10 @@ def _merge(x: np.ndarray, labels: np.ndarray, lo: int, hi: int, c: DiarizeConfig
         small = np.flatnonzero(sizes < c.small_cluster(len(labels)))
         if len(small):  # a small cluster unlike every other is a speaker who spoke little
             small = small[sim[small].max(axis=1) >= c.small_cluster_cosine]
-        if len(ids) > hi or sim.max() >= c.merge_cosine:
+        if sim.max() >= c.merge_cosine:
             a, b = (int(v) for v in np.unravel_index(np.argmax(sim), sim.shape))
-        elif len(small):
-            a = int(small[np.argmin(sizes[small])])
+        elif len(small) or len(ids) > hi:
+            a = int(small[np.argmin(sizes[small])]) if len(small) else int(np.argmin(sizes))
             b = int(np.argmax(sim[a]))
         else:
             return labels

@@ -224,6 +224,20 @@ def test_speakers_found_on_long_windows_change_where_the_short_windows_hear_it()
     assert diarize(12.0, regions, wins, x, num_speakers=1, config=config).speakers == 1  # a hint holds
 
 
+def test_a_right_hint_does_no_worse_than_none():
+    """Three voices, one heard in two moods (its two clusters' centroids 0.8 alike, as one voice):
+    told the right count, or that there are at most three, the answer is the one found unhinted,
+    not a voice split in two and two voices joined."""
+    e = np.eye(64)
+    moods = [e[0], 0.8 * e[0] + 0.6 * e[1]]
+    rng = np.random.default_rng(1)
+    x = np.concatenate([3 * centre + 0.1 * rng.normal(size=(30, 64)) for centre in [*moods, e[2], e[3]]])
+    truth = np.repeat([0, 0, 1, 2], 30)
+    for hint in ({}, {"num_speakers": 3}, {"max_speakers": 3}):
+        labels = estimate_speakers(x, **hint)
+        assert labels.tolist() == truth.tolist(), hint
+
+
 def test_a_hinted_count_the_long_windows_cannot_hold_is_found_on_the_short_windows():
     """3.5 s of three voices asked for as three speakers: two 3 s windows can hold only two
     speakers, so the 1.5 s windows are clustered themselves and the hint holds."""
