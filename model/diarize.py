@@ -6,7 +6,7 @@ into short overlapping windows, each embedded, and a long window's embedding is 
 short ones inside it. The long windows, whose embeddings are surer of a voice, find the speakers:
 spectral clustering on a pruned cosine affinity (the number of clusters from the largest eigengap
 of its Laplacian), then clusters whose centroids are as alike as one speaker's are merged, and
-the caller's hints bound that merging (pauses of one speaker shorter than ``bridge_s`` stay
+the caller's hints bound that merging (pauses of one speaker no longer than ``bridge_s`` stay
 inside the turn). The short windows, which place a change of speaker more
 closely, then each take the speaker whose centroid (of the short windows the long ones put there)
 is nearest, and each stretch of speech takes the speaker of the short windows nearest it, so a
