@@ -294,8 +294,9 @@ def diarize(
 ) -> Diarization:
     """What follows the windows' embeddings ``(len(wins), E)``: speakers (:func:`speaker_labels`),
     turns, each speaker's speech seconds and mean embedding (what /diarize and its evaluation both do)."""
-    labels = speaker_labels(regions, wins, embeddings, num_speakers, min_speakers, max_speakers, config)
-    found = turns(regions, wins, labels, (config or DiarizeConfig()).bridge_s)
+    c = config or DiarizeConfig()
+    labels = speaker_labels(regions, wins, embeddings, num_speakers, min_speakers, max_speakers, c)
+    found = turns(regions, wins, labels, c.bridge_s)
     count = int(labels.max()) + 1 if len(labels) else 0
     unit = _unit(np.asarray(embeddings, dtype=np.float32))
     means = np.stack([unit[labels == k].mean(axis=0) for k in range(count)]) if count else unit[:0]
