@@ -205,11 +205,12 @@ def diarization_figures(key: str | None) -> str:
                 f"{pct(d['missed'])} / {pct(d['false_alarm'])} / {pct(d['confusion'])}",
                 pct(d["speaker_count_accuracy"], 0),
                 pct(naming.get("enrolled_speech_named_right"), 1),
-                pct(naming.get("other_speech_named"), 2),
+                pct(naming.get("other_speech_named"), 2)
+                + ("" if "other_speech_misnamed" not in naming else f" / {pct(naming['other_speech_misnamed'], 2)}"),
             ]
         )
     head = ["voices (" + r.get("split", "?") + ")", "DER", "missed / false alarm / confusion", "count right",
-            "enrolled speech named right", "others' speech named"]  # fmt: skip
+            "enrolled speech named right", "others' speech named / while the named speaker is silent"]  # fmt: skip
     return table(head, rows) + f"\n`{r.get('command', '?')}`\n"
 
 

@@ -14,9 +14,15 @@ from scipy.optimize import linear_sum_assignment
 
 import model
 from client import Client
-from model.diarize import DiarizeConfig, diarize, estimate_speakers, turns, windows
+from model.diarize import Diarization, DiarizeConfig, Turn, diarize, estimate_speakers, turns, windows
 from model.training.data import UNLABELLED, Item
-from model.training.diarization import evaluate_diarization, format_diarization
+from model.training.diarization import (
+    Conversation,
+    audible,
+    evaluate_diarization,
+    format_diarization,
+    named_speech,
+)
 from model.training.voices import catalogue
 from tests.conftest import EAGER, SHIPPED_WEIGHTS, Server, conversation, speech, wav_bytes
 from tests.test_client import cli
@@ -187,6 +193,28 @@ def test_turns_change_halfway_between_windows_that_disagree():
     assert len(set(estimate_speakers(one, num_speakers=2).tolist())) == 2
 
 
+def test_a_change_inside_one_stretch_of_speech_is_placed_where_the_windows_hear_it():
+    """Two generated voices with no pause between them: the turn changes where the two windows that
+    hear both voices put it (within 0.2 s, inside the scoring collar), not halfway between their
+    centres (0.28-0.33 s off for these changes)."""
+    config = DiarizeConfig()
+    network = model.load(SHIPPED_WEIGHTS)
+    regions = [(0.0, 12.0)]
+    wins = windows(regions, config)
+    for first, then in ((0, 6), (2, 4)):
+        a = torch.cat([audible(speech(first, i)) for i in range(4)])
+        b = torch.cat([audible(speech(then, i)) for i in range(4)])
+        for change in (5.3, 5.9):
+            wave = torch.cat([a[: int(change * RATE)], b[: int((12 - change) * RATE)]])
+            pieces = [wave[int(s * RATE) : int(e * RATE)] for s, e in wins]
+            x = torch.stack([r.embedding for r in network.infer_many(pieces)])
+            labels = np.array([0 if (s + e) / 2 < change else 1 for s, e in wins])
+            halfway = turns(regions, wins, labels)[0].end
+            heard = turns(regions, wins, labels, embeddings=x.numpy())
+            assert [t.speaker for t in heard] == [0, 1] and heard[1].start == heard[0].end
+            assert abs(heard[0].end - change) <= 0.2 < abs(halfway - change), (first, then, change, heard[0].end)
+
+
 def test_a_short_pause_of_one_speaker_stays_inside_the_turn():
     """A pause no longer than twice the scoring collar (0.5 s) inside one voice's speech is part of
     its turn; a longer one, or a pause before another voice, still ends it."""
@@ -275,6 +303,22 @@ def test_a_few_seconds_of_a_voice_count_as_a_speaker_unless_it_is_alike_a_voice_
     assert len(set(estimate_speakers(stray, num_speakers=3).tolist())) == 3
 
 
+def test_a_name_on_overlapped_speech_of_the_named_speaker_is_told_apart_from_a_wrong_name():
+    """The naming figures of the evaluation: in overlapped speech one turn can carry only one of the
+    two voices, so an enrolled name there is counted as others' speech named but not as misnamed;
+    an enrolled name on another voice's speech alone is both. Outside the 0.25 s collars."""
+    shipped = model.load(SHIPPED_WEIGHTS)
+    reference = [(0.0, 6.0, "A"), (4.0, 10.0, "B")]  # B starts 2 s before A stops
+    conv = Conversation("c", "synthetic", torch.zeros(10 * RATE), reference, False, {"A": [speech(0, 1), speech(0, 2)]})
+    x = torch.stack([r.embedding for r in shipped.infer_many([speech(0, 3), speech(6, 3)])]).numpy()
+    found = Diarization(10.0, [Turn(0.0, 7.0, 0), Turn(7.0, 10.0, 1)], [7.0, 3.0], x)  # A's turn runs 1 s into B's
+    named = named_speech(shipped, conv, found, shipped.manifest.identify_threshold, ["A"])
+    assert named["enrolled_s"] == pytest.approx(5.0, abs=0.03)  # 0.25-3.75 and 4.25-5.75
+    assert named["named_right_s"] == pytest.approx(5.0, abs=0.03)
+    assert named["others_named_s"] == pytest.approx(1.5 + 0.75, abs=0.03)  # 4.25-5.75 with A, 6.25-7 alone
+    assert named["others_misnamed_s"] == pytest.approx(0.75, abs=0.03)
+
+
 def test_the_evaluation_scores_conversations_of_held_out_voices_with_pyannote():
     """`evaluate --diarization`'s path on one conversation of two held-out synthetic voices (of the
     validation ones: test voices are measured once, for what ships), spoken afresh:
@@ -288,5 +332,6 @@ def test_the_evaluation_scores_conversations_of_held_out_voices_with_pyannote():
     (conv,) = r["per_conversation"]
     assert conv["speakers"] == 2 and r["speaker_count_accuracy"] == (conv["found"] == 2)
     assert r["der"] == pytest.approx(r["missed"] + r["false_alarm"] + r["confusion"]) and r["der"] <= 0.1
-    assert r["naming"]["enrolled_speech_named_right"] >= 0.9 and r["naming"]["other_speech_named"] == 0
+    assert r["naming"]["enrolled_speech_named_right"] >= 0.9
+    assert r["naming"]["other_speech_named"] == r["naming"]["other_speech_misnamed"] == 0
     assert "DER" in format_diarization(report)

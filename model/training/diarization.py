@@ -180,7 +180,9 @@ def named_speech(
     (each speaker's mean window embedding against the voiceprints, at ``threshold``, each profile
     naming one speaker at most), and measure: the share of the enrolled voices' reference speech
     that carries their own name, and the seconds of other voices' speech that carry any name, both
-    outside DER's collar around each reference boundary."""
+    outside DER's collar around each reference boundary; and of those seconds, the ones whose name
+    is of an enrolled voice that is not speaking then (outside overlapped speech, where the one
+    speaker a turn carries cannot be both voices, a name on another voice's speech is a wrong one)."""
     prints = torch.stack(
         [
             F.normalize(torch.stack([r.embedding for r in model.infer_many(conversation.enrol[v])]), dim=-1).mean(0)
@@ -201,16 +203,25 @@ def named_speech(
     for start, end, _ in conversation.reference:
         for edge in (start, end):
             scored[max(0, int((edge - COLLAR / 2) / step)) : int((edge + COLLAR / 2) / step)] = False
-    own = total = wrong = 0.0
+    speaking = {v: np.zeros(length, dtype=bool) for v in enrolled}
+    for start, end, voice in conversation.reference:
+        if voice in speaking:
+            speaking[voice][int(start / step) : int(end / step)] = True
+    silent = np.ones(length, dtype=bool)  # the name given is of a voice that is not speaking then
+    for v, mask in speaking.items():
+        silent[(given == v) & mask] = False
+    own = total = wrong = wrong_silent = 0.0
     for start, end, voice in conversation.reference:
         a, b = int(start / step), int(end / step)
-        span = given[a:b][scored[a:b]]
+        span, named_silent = given[a:b][scored[a:b]], silent[a:b][scored[a:b]]
         if voice in enrolled:
             total += len(span)
             own += float(np.sum(span == voice))
         else:
             wrong += float(np.sum(span != ""))
-    return {"enrolled_s": total * step, "named_right_s": own * step, "others_named_s": wrong * step}
+            wrong_silent += float(np.sum((span != "") & named_silent))
+    return {"enrolled_s": total * step, "named_right_s": own * step, "others_named_s": wrong * step,
+            "others_misnamed_s": wrong_silent * step}  # fmt: skip
 
 
 def evaluate_diarization(
@@ -233,7 +244,7 @@ def evaluate_diarization(
         convs = make_conversations(voice_pools(chosen, kind, seed=seed), kind, conversations, seed)
         parts = {"total": 0.0, "missed detection": 0.0, "false alarm": 0.0, "confusion": 0.0}
         right_count = 0
-        naming = {"enrolled_s": 0.0, "named_right_s": 0.0, "others_named_s": 0.0, "others_s": 0.0}
+        naming = dict.fromkeys(("enrolled_s", "named_right_s", "others_named_s", "others_misnamed_s", "others_s"), 0.0)
         per: list[dict[str, Any]] = []
         for conv in convs:
             found = diarize_wave(model, detector, conv.wave, config)
@@ -269,6 +280,7 @@ def evaluate_diarization(
             else {
                 "enrolled_speech_named_right": naming["named_right_s"] / max(naming["enrolled_s"], 1e-9),
                 "other_speech_named": naming["others_named_s"] / max(naming["others_s"], 1e-9),
+                "other_speech_misnamed": naming["others_misnamed_s"] / max(naming["others_s"], 1e-9),
                 "threshold": threshold,
             },
             "per_conversation": per,
@@ -298,6 +310,7 @@ def format_diarization(report: dict[str, Any]) -> str:
             n = r["naming"]
             lines.append(
                 f"            enrolled speakers' speech named right {n['enrolled_speech_named_right']:.1%}; "
-                f"others' speech named {n['other_speech_named']:.2%}"
+                f"others' speech named {n['other_speech_named']:.2%} "
+                f"({n['other_speech_misnamed']:.2%} while the named speaker is silent)"
             )
     return "\n".join(lines)
