@@ -28,7 +28,27 @@ SAMPLES = [
 ]
 
 
+# who spoke when (README's /diarize example): three voices taking turns, twice round, 0.4 s apart
+CONVERSATION = ("conversation.mp3", ["flite-awb", "flite-slt", "festival-ked"] * 2,
+                ["-ar", "16000", "-ac", "1", "-c:a", "libmp3lame", "-b:a", "32k"])  # fmt: skip
+CONVERSATION_TEXT = sentences(6, salt="samples-conversation", exclude=sentences(SENTENCE_POOL))
+
+
+def conversation() -> None:
+    name, labels, options = CONVERSATION
+    pause = torch.zeros(int(0.4 * 16000))
+    turns = []
+    for label, text in zip(labels, CONVERSATION_TEXT, strict=True):
+        with tempfile.TemporaryDirectory() as tmp:
+            samples, sr = synthesise(VOICES[LABELS.index(label)], text, 1.0, 0, Path(tmp))
+        wave = resample(torch.from_numpy(np.ascontiguousarray(samples)), sr, 16000)
+        turns += [wave / wave.abs().max() * 0.5, pause]
+    ffmpeg_write(torch.cat(turns), 16000, HERE / name, options)
+    print(f"{name}: {', '.join(labels)} taking turns")
+
+
 def main() -> None:
+    conversation()
     for name, label, sentence, options in SAMPLES:
         voice = VOICES[LABELS.index(label)]
         with tempfile.TemporaryDirectory() as tmp:

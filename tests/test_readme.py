@@ -26,5 +26,11 @@ def test_readme_curl_examples_work_as_written(server):
         assert proc.returncode == 0, (command, proc.stdout, proc.stderr)
         body = json.loads(proc.stdout)
         assert "error" not in body, (command, body)
-        seen_paths.add(re.search(r"localhost:8000(/[a-z0-9/]+)", command).group(1))
-    assert {"/embed", "/classify", "/verify", "/classify/batch", "/v1/model", "/readyz", "/healthz"} <= seen_paths
+        path = re.search(r"localhost:8000(/[a-z0-9/]+)", command).group(1)
+        if path == "/diarize":  # samples/conversation.mp3: three voices taking turns, twice round
+            assert len(body["speakers"]) == 3, body
+            assert [s["speaker"] for s in body["segments"]] == ["S1", "S2", "S3"] * 2, body
+        seen_paths.add(path)
+    assert {"/embed", "/classify", "/verify", "/classify/batch", "/diarize", "/v1/model", "/readyz", "/healthz"} <= (
+        seen_paths
+    )
