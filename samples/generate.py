@@ -34,15 +34,20 @@ CONVERSATION = ("conversation.mp3", ["flite-awb", "flite-slt", "festival-ked"] *
 CONVERSATION_TEXT = sentences(6, salt="samples-conversation", exclude=sentences(SENTENCE_POOL))
 
 
+def spoken(label: str, text: str) -> torch.Tensor:
+    """Labelled voice ``label`` saying ``text``: mono at 16 kHz, peak 0.5."""
+    with tempfile.TemporaryDirectory() as tmp:
+        samples, sr = synthesise(VOICES[LABELS.index(label)], text, 1.0, 0, Path(tmp))
+    wave = resample(torch.from_numpy(np.ascontiguousarray(samples)), sr, 16000)
+    return wave / wave.abs().max() * 0.5
+
+
 def conversation() -> None:
     name, labels, options = CONVERSATION
     pause = torch.zeros(int(0.4 * 16000))
-    turns = []
-    for label, text in zip(labels, CONVERSATION_TEXT, strict=True):
-        with tempfile.TemporaryDirectory() as tmp:
-            samples, sr = synthesise(VOICES[LABELS.index(label)], text, 1.0, 0, Path(tmp))
-        wave = resample(torch.from_numpy(np.ascontiguousarray(samples)), sr, 16000)
-        turns += [wave / wave.abs().max() * 0.5, pause]
+    turns = [
+        part for label, text in zip(labels, CONVERSATION_TEXT, strict=True) for part in (spoken(label, text), pause)
+    ]
     ffmpeg_write(torch.cat(turns), 16000, HERE / name, options)
     print(f"{name}: {', '.join(labels)} taking turns")
 
@@ -50,11 +55,7 @@ def conversation() -> None:
 def main() -> None:
     conversation()
     for name, label, sentence, options in SAMPLES:
-        voice = VOICES[LABELS.index(label)]
-        with tempfile.TemporaryDirectory() as tmp:
-            samples, sr = synthesise(voice, TEXT[sentence], 1.0, 0, Path(tmp))
-        wave = resample(torch.from_numpy(np.ascontiguousarray(samples)), sr, 16000)
-        ffmpeg_write(wave / wave.abs().max() * 0.5, 16000, HERE / name, options)
+        ffmpeg_write(spoken(label, TEXT[sentence]), 16000, HERE / name, options)
         print(f"{name}: {label}: {TEXT[sentence]}")
 
 
