@@ -11,14 +11,15 @@ inside the turn). The short windows, which place a change of speaker more
 closely, then each take the speaker whose centroid (of the short windows the long ones put there)
 is nearest, and each stretch of speech takes the speaker of the short windows nearest it; where
 two overlapping windows disagree, the turn changes where their mixes of the two voices put it.
-Times in seconds; audio and embeddings in, turns out: no web code.
+Named from enrolled profiles, a speaker keeps its name only on the turns that match the profile
+themselves (:func:`keep_names_on_matching_turns`). Times in seconds; audio and embeddings in, turns out: no web code.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -310,6 +311,10 @@ class Diarization:
     turns: list[Turn]  # sorted by start
     speech_s: list[float]  # per speaker (0, 1, ... in order of first speech), the seconds of its turns
     embeddings: np.ndarray  # (speakers, E): each speaker's mean unit window embedding
+    # (turns, E): each turn's mean unit window embedding, of the windows whose centres lie in it
+    # (the nearest window for a turn with none), and (turns,) how many windows that is
+    turn_embeddings: np.ndarray | None = None
+    turn_windows: np.ndarray | None = None
 
     @property
     def speakers(self) -> int:
@@ -335,7 +340,82 @@ def diarize(
     unit = _unit(np.asarray(embeddings, dtype=np.float32))
     means = np.stack([unit[labels == k].mean(axis=0) for k in range(count)]) if count else unit[:0]
     speech = [sum(t.duration for t in found if t.speaker == k) for k in range(count)]
-    return Diarization(duration_s, found, speech, means.astype(np.float32))
+    centres = np.array([(a + b) / 2 for a, b in wins])
+    per_turn, counts = [], []
+    for t in found:  # turns do not overlap, so each window's centre lies in one turn at most
+        inside = np.flatnonzero((centres >= t.start) & (centres < t.end))
+        if len(inside) == 0:
+            inside = np.array([int(np.argmin(np.abs(centres - (t.start + t.end) / 2)))])
+        per_turn.append(unit[inside].mean(axis=0))
+        counts.append(len(inside))
+    turn_x = np.stack(per_turn) if per_turn else unit[:0]
+    return Diarization(
+        duration_s, found, speech, means.astype(np.float32), turn_x.astype(np.float32), np.array(counts, dtype=np.int64)
+    )
+
+
+def set_apart(found: Diarization, keep: Sequence[bool]) -> tuple[Diarization, list[int | None]]:
+    """``found`` with each speaker's turns that ``keep`` marks False given to a speaker of their
+    own (one for each speaker that loses turns; a speaker left with none is gone), all numbered
+    again in order of first speech, and for each speaker of the result the one of ``found`` it
+    stands for (None: turns set apart). What /diarize's ``identify`` does with the turns of a
+    named speaker that do not themselves match the profile: a voice the clustering joined to an
+    enrolled one keeps its turns but not the name (the speakers' mean embeddings are made again
+    from their turns' windows)."""
+    if len(keep) != len(found.turns):
+        raise ValueError(f"keep has {len(keep)} entries for {len(found.turns)} turns")
+    assert found.turn_embeddings is not None and found.turn_windows is not None
+    # (speaker of found, kept) -> speaker of the result, in order of first speech
+    new: dict[tuple[int, bool], int] = {}
+    for t, k in zip(found.turns, keep, strict=True):
+        new.setdefault((t.speaker, bool(k)), len(new))
+    turns_ = [Turn(t.start, t.end, new[(t.speaker, bool(k))]) for t, k in zip(found.turns, keep, strict=True)]
+    weights = found.turn_windows.astype(np.float64)[:, None]
+    sums = np.zeros((len(new), found.turn_embeddings.shape[1]))
+    counts = np.zeros(len(new))
+    for i, t in enumerate(turns_):
+        sums[t.speaker] += weights[i] * found.turn_embeddings[i]
+        counts[t.speaker] += weights[i, 0]
+    means = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
+    speech = [sum(t.duration for t in turns_ if t.speaker == k) for k in range(len(new))]
+    origin: list[int | None] = [None] * len(new)
+    for (speaker, kept), index in new.items():
+        origin[index] = speaker if kept else None
+    result = Diarization(found.duration_s, turns_, speech, means, found.turn_embeddings, found.turn_windows)
+    return result, origin
+
+
+def keep_names_on_matching_turns(
+    found: Diarization,
+    chosen: Sequence[K | None],
+    scores_of: Callable[[K, np.ndarray], np.ndarray],
+    threshold: float,
+    most: int | None = None,
+) -> tuple[Diarization, list[K | None]]:
+    """A named speaker keeps its name (``chosen``: a profile per speaker, or None) only on the
+    turns that match the profile themselves: ``scores_of(profile, rows)`` scores turn embeddings
+    (:attr:`Diarization.turn_embeddings`) against it, on the scale of ``threshold`` (the
+    verification threshold: would the turn alone pass a verification against the profile?). The
+    other turns become a speaker of their own with no name (:func:`set_apart`), unless that makes
+    more speakers than ``most`` (a caller's ``num_speakers`` or ``max_speakers``). So a voice the
+    clustering joined to an enrolled one keeps its turns but not the enrolled name. Returns the
+    diarization and a profile (or None) for each of its speakers."""
+    keep = [True] * len(found.turns)
+    if found.turn_embeddings is None:
+        return found, list(chosen)
+    for k, profile in enumerate(chosen):
+        mine = [i for i, t in enumerate(found.turns) if t.speaker == k]
+        if profile is None or not mine:
+            continue
+        scores = np.asarray(scores_of(profile, found.turn_embeddings[mine]), dtype=np.float64).reshape(-1)
+        for i, score in zip(mine, scores.tolist(), strict=True):
+            keep[i] = score >= threshold
+    if all(keep):
+        return found, list(chosen)
+    result, origin = set_apart(found, keep)
+    if most is not None and result.speakers > most:
+        return found, list(chosen)
+    return result, [None if o is None else chosen[o] for o in origin]
 
 
 def name_speakers(candidates: Sequence[Sequence[tuple[K, float]]], threshold: float) -> list[K | None]:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -65,14 +66,15 @@ def voice_speech(label: str, index: int = 0) -> torch.Tensor:
 
 
 def conversation(
-    parts: list[tuple[int, int]], pause_s: float = 0.5
-) -> tuple[torch.Tensor, list[tuple[float, float, int]]]:
-    """``(voice, sentence)`` turns one after another with a pause between: the waveform and the
-    reference turns ``(start, end, voice)`` (each turn from its first to its last audible sample)."""
+    parts: list[tuple[Any, int | torch.Tensor]], pause_s: float = 0.5
+) -> tuple[torch.Tensor, list[tuple[float, float, Any]]]:
+    """``(voice, sentence)`` turns one after another with a pause between (or ``(name, wave)``,
+    16 kHz speech made elsewhere): the waveform and the reference turns ``(start, end, voice)``
+    (each turn from its first to its last audible sample)."""
     pieces, reference, t = [], [], 0.0
     gap = torch.zeros(int(pause_s * 16000))
     for voice, sentence in parts:
-        wave = speech(voice, sentence)
+        wave = sentence if isinstance(sentence, torch.Tensor) else speech(voice, sentence)
         loud = torch.nonzero(wave.abs() > 0.01).flatten()
         wave = wave[int(loud[0]) : int(loud[-1]) + 1]
         reference.append((t, t + wave.numel() / 16000, voice))

@@ -14,7 +14,17 @@ from scipy.optimize import linear_sum_assignment
 
 import model
 from client import Client
-from model.diarize import Diarization, DiarizeConfig, Turn, diarize, estimate_speakers, turns, windows
+from model.diarize import (
+    Diarization,
+    DiarizeConfig,
+    Turn,
+    diarize,
+    estimate_speakers,
+    keep_names_on_matching_turns,
+    set_apart,
+    turns,
+    windows,
+)
 from model.training.data import UNLABELLED, Item
 from model.training.diarization import (
     Conversation,
@@ -24,7 +34,7 @@ from model.training.diarization import (
     named_speech,
 )
 from model.training.voices import catalogue
-from tests.conftest import EAGER, SHIPPED_WEIGHTS, Server, conversation, speech, wav_bytes
+from tests.conftest import EAGER, SHIPPED_WEIGHTS, Server, conversation, speech, voice_speech, wav_bytes
 from tests.test_client import cli
 
 RATE = 16000
@@ -160,6 +170,73 @@ def test_the_client_and_its_command_line_write_rttm_and_jsonl(served, three_voic
     by_path = {Path(r["path"]).name: r for r in map(json.loads, rows.read_text().splitlines())}
     assert len(by_path["talk.wav"]["speakers"]) == 2 and by_path["talk.wav"]["error"] is None
     assert by_path["bad.wav"]["error"].startswith("undecodable_audio")
+
+
+def speaker_at(body: dict, t: float) -> str:
+    """The label of the segment of a /diarize answer that holds the instant ``t``."""
+    return next(s["speaker"] for s in body["segments"] if s["start"] <= t <= s["end"])
+
+
+def test_a_voice_joined_to_an_enrolled_speaker_keeps_its_turn_but_not_the_name(served):
+    """A voice that says a few words alike a voice that said much joins that voice's cluster (see
+    the small-cluster test below). With ``identify``, a named speaker's turns keep the name only where
+    they match the profile themselves: that turn becomes a speaker of its own with no name, the
+    enrolled voice's turns keep theirs; a hint on the count is not exceeded to do it."""
+    words = voice_speech("espeak-en-gb-x-rp-john", 0)[: int(2.6 * RATE)]  # a voice of the corpus, 2.6 s
+    m3, m7 = 5, 6  # espeak-en-us-m3 (to be enrolled) and espeak-en-gb-m7 (never enrolled in this module)
+    wave, reference = conversation(
+        [(m3, 0), (m7, 0), ("few", words), (m7, 1), (m3, 1), (m7, 2), (m3, 2), (m7, 3), (m3, 3)]
+    )
+    middle = {who: [(s + e) / 2 for s, e, w in reference if w == who] for who in (m3, m7, "few")}
+    audio = wav_bytes(wave)
+    plain = served.post("/diarize", files={"file": ("t.wav", audio)}).json()
+    (few,) = middle["few"]
+    assert speaker_at(plain, few) == speaker_at(plain, middle[m3][0])  # what this test is about: joined
+    files = [("file", (f"m3-{i}.wav", wav_bytes(speech(m3, i)))) for i in (20, 21)]
+    assert served.post("/speakers", data={"name": "m3"}, files=files).status_code in (200, 201)
+    body = served.post("/diarize", params={"identify": True}, files={"file": ("t.wav", audio)}).json()
+    named = {s["label"]: (s["match"] or {}).get("name") for s in body["speakers"]}
+    assert len(body["speakers"]) == len(plain["speakers"]) + 1
+    assert named[speaker_at(body, few)] is None and speaker_at(body, few) != speaker_at(body, middle[m3][0])
+    assert all(named[speaker_at(body, t)] == "m3" for t in middle[m3])
+    assert not any(named[speaker_at(body, t)] for t in middle[m7])
+    for s in body["speakers"]:  # the speech and the scores are of the turns each speaker has now
+        total = sum(seg["end"] - seg["start"] for seg in body["segments"] if seg["speaker"] == s["label"])
+        assert s["speech_seconds"] == pytest.approx(total, abs=0.01)
+    (match,) = [s["match"] for s in body["speakers"] if s["match"]]
+    assert match["score"] >= body["identify_threshold"]
+    hinted = served.post("/diarize", params={"identify": True, "num_speakers": len(plain["speakers"])},
+                         files={"file": ("t.wav", audio)}).json()  # fmt: skip
+    assert len(hinted["speakers"]) == len(plain["speakers"])
+
+
+def test_turns_set_apart_become_one_speaker_for_each_speaker_that_lost_them():
+    """``set_apart`` and ``keep_names_on_matching_turns`` on turns whose embeddings are given:
+    numbering by first speech, speech seconds and mean embeddings of the turns each speaker keeps,
+    the profile each speaker stands for, and the bound a hint puts on the count."""
+    e = np.eye(4, dtype=np.float32)
+    found = Diarization(
+        12.0,
+        [Turn(0, 2, 0), Turn(2, 4, 1), Turn(4, 5, 0), Turn(5, 8, 1), Turn(8, 12, 0)],
+        [7.0, 5.0],
+        np.stack([e[0], e[1]]),
+        np.stack([e[0], e[1], e[2], e[1], e[0]]),
+        np.array([2, 2, 1, 3, 4]),
+    )
+    result, origin = set_apart(found, [True, True, False, True, True])
+    assert [t.speaker for t in result.turns] == [0, 1, 2, 1, 0] and origin == [0, 1, None]
+    assert result.speech_s == [6.0, 5.0, 1.0]
+    assert np.allclose(result.embeddings, np.stack([e[0], e[1], e[2]]))
+    everything, origin = set_apart(found, [False] * 5)  # a speaker left with no turn is gone
+    assert everything.speakers == 2 and origin == [None, None]
+
+    def scores(profile: str, rows: np.ndarray) -> np.ndarray:  # the "A" profile is e[0]
+        return rows @ e[0] * 10
+
+    named, profiles = keep_names_on_matching_turns(found, ["A", None], scores, threshold=5.0)
+    assert profiles == ["A", None, None] and [t.speaker for t in named.turns] == [0, 1, 2, 1, 0]
+    same, profiles = keep_names_on_matching_turns(found, ["A", None], scores, threshold=5.0, most=2)
+    assert same is found and profiles == ["A", None]
 
 
 def test_no_speech_gives_no_turns_and_bad_input_a_clear_error(served):

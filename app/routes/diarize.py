@@ -6,8 +6,10 @@ import logging
 from pathlib import PurePath
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import PlainTextResponse
+from starlette.concurrency import run_in_threadpool
 
 from app.deps import ServiceDep, SettingsDep
 from app.errors import ApiError
@@ -15,7 +17,7 @@ from app.routes.inference import audio_body, one_clip
 from app.routes.speakers import SPEAKER_ERRORS, SpeakersDep, require_threshold, search
 from app.schemas import DiarizeResponse
 from app.uploads import Intake, Upload
-from model.diarize import MAX_SPEAKERS, Diarization, name_speakers, rttm
+from model.diarize import MAX_SPEAKERS, Diarization, keep_names_on_matching_turns, name_speakers, rttm
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["diarization"])
@@ -60,9 +62,9 @@ async def diarize(
 ) -> Any:
     low, high = check_hints(num_speakers, min_speakers, max_speakers)
     service.require_model()
-    threshold = None
+    threshold = verify = None
     if identify:
-        require_threshold(service)
+        verify = require_threshold(service)
         threshold = service.identify_threshold
 
     async def work(upload: Upload, intake: Intake) -> tuple[str, Diarization]:
@@ -76,13 +78,23 @@ async def diarize(
         return PlainTextResponse(rttm(found.turns, names, file_id), media_type="text/plain; charset=utf-8")
     matches: list[dict[str, Any] | None] = [None] * found.speakers
     if identify and found.speakers:
-        assert threshold is not None
-        best, _ = await search(request, service, settings, speakers, list(found.embeddings), top_k=found.speakers)
+        assert threshold is not None and verify is not None
+        best, index = await search(request, service, settings, speakers, list(found.embeddings), top_k=found.speakers)
         chosen = name_speakers([[(m["id"], m["score"]) for m in ms] for ms in best], threshold)
+
+        def against(pid: str, rows: np.ndarray) -> np.ndarray:
+            return service.verification_scores(index.matrix[index.ids.index(pid)], rows)[0]
+
+        found, chosen = await run_in_threadpool(
+            keep_names_on_matching_turns, found, chosen, against, verify, num_speakers or high
+        )
+        names = [label(k) for k in range(found.speakers)]
+        matches = [None] * found.speakers
         for k, pid in enumerate(chosen):
-            if pid is not None:
-                m = next(m for m in best[k] if m["id"] == pid)  # this speaker's score against that profile
-                matches[k] = {"id": m["id"], "name": m["name"], "score": m["score"]}
+            if pid is not None:  # this speaker's score against that profile, on the turns that keep its name
+                row = index.ids.index(pid)
+                score = float(service.verification_scores(index.matrix[row], found.embeddings[k : k + 1])[0][0])
+                matches[k] = {"id": pid, "name": index.names[row], "score": score}
     return {
         "duration": round(found.duration_s, 3),
         "speakers": [

@@ -30,7 +30,15 @@ from torch import Tensor
 from tqdm import tqdm
 
 from model.audio import resample
-from model.diarize import Diarization, DiarizeConfig, Turn, diarize, name_speakers, windows
+from model.diarize import (
+    Diarization,
+    DiarizeConfig,
+    Turn,
+    diarize,
+    keep_names_on_matching_turns,
+    name_speakers,
+    windows,
+)
 from model.runtime import EmbeddingModel
 from model.speech import SpeechDetector
 from model.training.data import Item, load_waves
@@ -178,11 +186,13 @@ def named_speech(
 ) -> dict[str, float]:
     """Enrol ``enrolled`` from their kept-out clips, name the found speakers as /diarize does
     (each speaker's mean window embedding against the voiceprints, at ``threshold``, each profile
-    naming one speaker at most), and measure: the share of the enrolled voices' reference speech
-    that carries their own name, and the seconds of other voices' speech that carry any name, both
-    outside DER's collar around each reference boundary; and of those seconds, the ones whose name
-    is of an enrolled voice that is not speaking then (outside overlapped speech, where the one
-    speaker a turn carries cannot be both voices, a name on another voice's speech is a wrong one)."""
+    naming one speaker at most; a name stays only on the turns that match its profile themselves,
+    at the verification threshold, the others set apart), and measure: the share of the enrolled
+    voices' reference speech that carries their own name, and the seconds of other voices' speech
+    that carry any name, both outside DER's collar around each reference boundary; and of those
+    seconds, the ones whose name is of an enrolled voice that is not speaking then (outside
+    overlapped speech, where the one speaker a turn carries cannot be both voices, a name on
+    another voice's speech is a wrong one)."""
     prints = torch.stack(
         [
             F.normalize(torch.stack([r.embedding for r in model.infer_many(conversation.enrol[v])]), dim=-1).mean(0)
@@ -194,6 +204,14 @@ def named_speech(
         scores, _ = model.verification_scores(torch.from_numpy(found.embeddings), prints)
         candidates = [[(v, float(scores[k, j])) for j, v in enumerate(enrolled)] for k in range(found.speakers)]
         chosen = name_speakers(candidates, threshold)
+        verify = model.manifest.verification_threshold
+        if verify is not None:  # as /diarize does: a name stays only on the turns that match the profile
+
+            def against(voice: str, rows: np.ndarray) -> np.ndarray:
+                scores, _ = model.verification_scores(torch.from_numpy(rows), prints[enrolled.index(voice)][None])
+                return scores[:, 0].numpy()
+
+            found, chosen = keep_names_on_matching_turns(found, chosen, against, verify)
     step = 0.01
     length = int(conversation.wave.numel() / RATE / step) + 1
     given = np.full(length, "", dtype=object)
