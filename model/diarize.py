@@ -12,7 +12,8 @@ closely, then each take the speaker whose centroid (of the short windows the lon
 is nearest, and each stretch of speech takes the speaker of the short windows nearest it; where
 two overlapping windows disagree, the turn changes where their mixes of the two voices put it.
 Named from enrolled profiles, a speaker keeps its name only on the turns that match the profile
-themselves (:func:`keep_names_on_matching_turns`). Times in seconds; audio and embeddings in, turns out: no web code.
+themselves (:func:`keep_names_on_matching_turns`). Times in seconds; audio and embeddings in,
+turns out: no web code.
 """
 
 from __future__ import annotations
