@@ -57,7 +57,13 @@ async def diarize(
     num_speakers: Count = None,
     min_speakers: Count = None,
     max_speakers: Count = None,
-    identify: Annotated[bool, Query(description="name each speaker from the enrolled profiles")] = False,
+    identify: Annotated[
+        bool,
+        Query(
+            description="name each speaker from the enrolled profiles; a named speaker's turns that do not "
+            "match the profile themselves become a speaker of their own, unnamed (within the count hints)"
+        ),
+    ] = False,
     format: Annotated[Literal["json", "rttm"], Query(description="json, or NIST RTTM as text")] = "json",
 ) -> Any:
     low, high = check_hints(num_speakers, min_speakers, max_speakers)
