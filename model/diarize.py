@@ -208,9 +208,7 @@ def speaker_labels(
         spans, long_spans = np.array(wins), np.array(long_wins)  # both sorted by start and by end
         first_inside = np.searchsorted(spans[:, 0], long_spans[:, 0] - 1e-6, side="left")
         past_inside = np.searchsorted(spans[:, 1], long_spans[:, 1] + 1e-6, side="right")
-        past_inside = np.maximum(past_inside, first_inside + 1)
-        sums = np.concatenate([np.zeros((1, raw.shape[1])), np.cumsum(raw, axis=0)])
-        long_x = (sums[past_inside] - sums[first_inside]) / (past_inside - first_inside)[:, None]
+        long_x = _range_means(raw, first_inside, np.maximum(past_inside, first_inside + 1))
         found = estimate_speakers(long_x, num_speakers, min_speakers, max_speakers, c)
         centres, long_centres = spans.mean(axis=1), long_spans.mean(axis=1)
         after = np.searchsorted(long_centres, centres)
@@ -226,6 +224,13 @@ def speaker_labels(
             return labels
     # no windows, or a speaker a hint asks for lost between the scales: the short windows alone
     return estimate_speakers(embeddings, num_speakers, min_speakers, max_speakers, c)
+
+
+def _range_means(x: np.ndarray, first: np.ndarray, past: np.ndarray) -> np.ndarray:
+    """The mean of the rows ``first[i]:past[i]`` of ``x`` for each ``i`` (every range non-empty),
+    from one running sum."""
+    sums = np.concatenate([np.zeros((1, x.shape[1])), np.cumsum(x, axis=0, dtype=np.float64)])
+    return (sums[past] - sums[first]) / (past - first)[:, None]
 
 
 def _by_first_appearance(labels: np.ndarray) -> np.ndarray:
@@ -254,7 +259,7 @@ def turns(
     centres = np.array([(a + b) / 2 for a, b in wins])
     order = np.argsort(centres, kind="stable")
     centres, speakers = centres[order], np.asarray(labels)[order]
-    spans = np.asarray(wins, dtype=np.float64)[order]
+    spans = None if embeddings is None else np.asarray(wins, dtype=np.float64)[order]
     raw = None if embeddings is None else np.asarray(embeddings, dtype=np.float64)[order]
     means = {} if raw is None else {k: raw[speakers == k].mean(axis=0) for k in np.unique(speakers).tolist()}
     pieces: list[Turn] = []
@@ -269,7 +274,7 @@ def turns(
         for i, j in itertools.pairwise(inside):
             if speakers[i] != speakers[j]:
                 cut = float((centres[i] + centres[j]) / 2)
-                if raw is not None:
+                if raw is not None and spans is not None:
                     first, then = means[int(speakers[i])], means[int(speakers[j])]
                     cut = _change_at(spans[[i, j]], raw[[i, j]], first, then, float(centres[i]), float(centres[j]))
                 pieces.append(Turn(t, cut, int(speakers[i])))
@@ -341,18 +346,17 @@ def diarize(
     unit = _unit(np.asarray(embeddings, dtype=np.float32))
     means = np.stack([unit[labels == k].mean(axis=0) for k in range(count)]) if count else unit[:0]
     speech = [sum(t.duration for t in found if t.speaker == k) for k in range(count)]
+    # each turn's windows: those whose centres lie in it (sorted, as the windows are; turns do not
+    # overlap, so a centre lies in one turn at most), or the nearest window for a turn with none
     centres = np.array([(a + b) / 2 for a, b in wins])
-    per_turn, counts = [], []
-    for t in found:  # turns do not overlap, so each window's centre lies in one turn at most
-        inside = np.flatnonzero((centres >= t.start) & (centres < t.end))
-        if len(inside) == 0:
-            inside = np.array([int(np.argmin(np.abs(centres - (t.start + t.end) / 2)))])
-        per_turn.append(unit[inside].mean(axis=0))
-        counts.append(len(inside))
-    turn_x = np.stack(per_turn) if per_turn else unit[:0]
-    return Diarization(
-        duration_s, found, speech, means.astype(np.float32), turn_x.astype(np.float32), np.array(counts, dtype=np.int64)
-    )
+    starts, ends = np.array([t.start for t in found]), np.array([t.end for t in found])
+    first = np.searchsorted(centres, starts, side="left")
+    past = np.searchsorted(centres, ends, side="left")
+    for i in np.flatnonzero(past <= first):
+        first[i] = int(np.argmin(np.abs(centres - (starts[i] + ends[i]) / 2)))
+        past[i] = first[i] + 1
+    turn_x = _range_means(unit, first, past) if len(found) else unit[:0]
+    return Diarization(duration_s, found, speech, means.astype(np.float32), turn_x.astype(np.float32), past - first)
 
 
 def set_apart(found: Diarization, keep: Sequence[bool]) -> tuple[Diarization, list[int | None]]:
