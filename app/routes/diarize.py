@@ -87,9 +87,10 @@ async def diarize(
         assert threshold is not None and verify is not None
         best, index = await search(request, service, settings, speakers, list(found.embeddings), top_k=found.speakers)
         chosen = name_speakers([[(m["id"], m["score"]) for m in ms] for ms in best], threshold)
+        row_of = {pid: index.ids.index(pid) for pid in chosen if pid is not None}  # each named profile's row
 
         def against(pid: str, rows: np.ndarray) -> np.ndarray:
-            return service.verification_scores(index.matrix[index.ids.index(pid)], rows)[0]
+            return service.verification_scores(index.matrix[row_of[pid]], rows)[0]
 
         found, chosen = await run_in_threadpool(
             keep_names_on_matching_turns, found, chosen, against, verify, num_speakers or high
@@ -98,7 +99,7 @@ async def diarize(
         matches = [None] * found.speakers
         for k, pid in enumerate(chosen):
             if pid is not None:  # this speaker's score against that profile, on the turns that keep its name
-                row = index.ids.index(pid)
+                row = row_of[pid]
                 score = float(service.verification_scores(index.matrix[row], found.embeddings[k : k + 1])[0][0])
                 matches[k] = {"id": pid, "name": index.names[row], "score": score}
     return {
