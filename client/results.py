@@ -235,6 +235,10 @@ class Diarization:
 
 
 def rttm_lines(file_id: str, turns: list[tuple[float, float, str]]) -> str:
-    """NIST RTTM: one ``SPEAKER`` line per ``(start, end, name)`` turn of the file ``file_id``."""
+    """NIST RTTM: one ``SPEAKER`` line per ``(start, end, name)`` turn of the file ``file_id``. RTTM's
+    fields are separated by spaces, so a space in a name (an enrolled name) becomes ``_``."""
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in file_id) or "audio"
-    return "".join(f"SPEAKER {safe} 1 {a:.3f} {b - a:.3f} <NA> <NA> {name} <NA> <NA>\n" for a, b, name in turns)
+    return "".join(
+        f"SPEAKER {safe} 1 {a:.3f} {b - a:.3f} <NA> <NA> {'_'.join(name.split()) or '_'} <NA> <NA>\n"
+        for a, b, name in turns
+    )

@@ -440,8 +440,10 @@ def name_speakers(candidates: Sequence[Sequence[tuple[K, float]]], threshold: fl
 
 
 def rttm(turns_: list[Turn], names: list[str], file_id: str = "audio") -> str:
-    """NIST RTTM: one ``SPEAKER`` line per turn, onset and duration in seconds."""
+    """NIST RTTM: one ``SPEAKER`` line per turn, onset and duration in seconds. RTTM's fields are
+    separated by spaces, so a space in a speaker's name (an enrolled name) becomes ``_``."""
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in file_id) or "audio"
+    who = ["_".join(n.split()) or "_" for n in names]
     return "".join(
-        f"SPEAKER {safe} 1 {t.start:.3f} {t.duration:.3f} <NA> <NA> {names[t.speaker]} <NA> <NA>\n" for t in turns_
+        f"SPEAKER {safe} 1 {t.start:.3f} {t.duration:.3f} <NA> <NA> {who[t.speaker]} <NA> <NA>\n" for t in turns_
     )

@@ -14,6 +14,7 @@ from scipy.optimize import linear_sum_assignment
 
 import model
 from client import Client
+from client.results import rttm_lines
 from model.diarize import (
     Diarization,
     DiarizeConfig,
@@ -21,6 +22,7 @@ from model.diarize import (
     diarize,
     estimate_speakers,
     keep_names_on_matching_turns,
+    rttm,
     set_apart,
     turns,
     windows,
@@ -165,11 +167,26 @@ def test_the_client_and_its_command_line_write_rttm_and_jsonl(served, three_voic
     lines = [line.split(" ") for line in out.read_text().splitlines()]
     assert {line[1] for line in lines} == {"talk"} and {"awb", "slt"} <= {line[7] for line in lines}
     assert found.rttm("talk") == out.read_text()
+    # the service's own RTTM answer names the speakers as the client does
+    r = served.post(
+        "/diarize", params={"format": "rttm", "identify": True}, files={"file": ("talk.wav", wav_bytes(wave))}
+    )
+    assert r.status_code == 200 and r.text == found.rttm("talk")
     rows = tmp_path / "who.jsonl"
     proc = cli("diarize", talk, bad, "--num-speakers", "2", "--out", rows, "--url", str(served.base_url))
     by_path = {Path(r["path"]).name: r for r in map(json.loads, rows.read_text().splitlines())}
     assert len(by_path["talk.wav"]["speakers"]) == 2 and by_path["talk.wav"]["error"] is None
     assert by_path["bad.wav"]["error"].startswith("undecodable_audio")
+
+
+def test_rttm_keeps_ten_fields_when_an_enrolled_name_has_spaces():
+    """RTTM's fields are separated by spaces: an enrolled name such as "Ann Lee" is written Ann_Lee,
+    by the service and by the client alike."""
+    served = rttm([Turn(0.0, 1.5, 0), Turn(1.5, 2.0, 1)], ["Ann  Lee", "S2"], "talk")
+    written = rttm_lines("talk", [(0.0, 1.5, "Ann  Lee"), (1.5, 2.0, "S2")])
+    assert served == written
+    assert [line.split(" ")[7] for line in served.splitlines()] == ["Ann_Lee", "S2"]
+    assert all(len(line.split(" ")) == 10 for line in served.splitlines())
 
 
 def speaker_at(body: dict, t: float) -> str:

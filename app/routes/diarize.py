@@ -79,9 +79,6 @@ async def diarize(
     max_s = settings.diarize_max_duration_s
     filename, found = await one_clip(request, service, settings.max_files, work, max_seconds=max_s)
     names = [label(k) for k in range(found.speakers)]
-    if format == "rttm":
-        file_id = request.headers.get("x-filename") or PurePath(filename).stem or "audio"
-        return PlainTextResponse(rttm(found.turns, names, file_id), media_type="text/plain; charset=utf-8")
     matches: list[dict[str, Any] | None] = [None] * found.speakers
     if identify and found.speakers:
         assert threshold is not None and verify is not None
@@ -102,6 +99,10 @@ async def diarize(
                 row = row_of[pid]
                 score = float(service.verification_scores(index.matrix[row], found.embeddings[k : k + 1])[0][0])
                 matches[k] = {"id": pid, "name": index.names[row], "score": score}
+    if format == "rttm":  # a named speaker's turns under its enrolled name, as the client writes them
+        file_id = request.headers.get("x-filename") or PurePath(filename).stem or "audio"
+        shown = [m["name"] if m is not None else names[k] for k, m in enumerate(matches)]
+        return PlainTextResponse(rttm(found.turns, shown, file_id), media_type="text/plain; charset=utf-8")
     return {
         "duration": round(found.duration_s, 3),
         "speakers": [
