@@ -297,6 +297,22 @@ def test_health_ready_model_and_openapi(client):
     assert client.get("/docs").status_code == 200
 
 
+def test_two_files_to_a_single_clip_endpoint_point_to_its_batch_twin_only_where_one_exists(client):
+    files = [("file", (f"{i}.wav", wav_bytes(speech(0, i)))) for i in (0, 1)]
+    paths = set(client.get("/openapi.json").json()["paths"])  # the endpoints the service has
+    assert {"/embed/batch", "/classify/batch"} <= paths
+    for path in ("/embed", "/classify", "/spectrogram", "/diarize"):
+        r = client.post(path, files=files)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request", (path, r.text)
+        message = r.json()["error"]["message"]
+        assert message.startswith("2 files sent to a single-clip endpoint")
+        if f"{path}/batch" in paths:
+            assert message.endswith(f"use {path}/batch")
+            assert client.post(f"{path}/batch", files=files).status_code == 200
+        else:
+            assert "/batch" not in message and message.endswith("send one file a request"), (path, message)
+
+
 def test_request_id_is_honoured_and_returned(client):
     r = client.get("/healthz", headers={"X-Request-ID": "abc-123"})
     assert r.headers["x-request-id"] == "abc-123"

@@ -117,7 +117,7 @@ async def single(
     request: Request, service: InferenceService, max_files: int, multipart_only: bool = False
 ) -> ClipResult:
     """One clip: a 'file' part or (unless ``multipart_only``) the raw body, admitted, decoded, inferred."""
-    return await one_clip(request, service, max_files, service.analyse, multipart_only)
+    return await one_clip(request, service, max_files, service.analyse, multipart_only, has_batch=True)
 
 
 async def one_clip(
@@ -127,9 +127,11 @@ async def one_clip(
     work: Callable[[Upload, Intake], Awaitable[T]],
     multipart_only: bool = False,
     max_seconds: float | None = None,
+    has_batch: bool = False,
 ) -> T:
     """One clip (of at most ``max_seconds``, default MAX_DURATION_S), admitted and handed to
-    ``work`` (decode and infer, decode and draw, or diarize)."""
+    ``work`` (decode and infer, decode and draw, or diarize). More than one file is a 400 that
+    points to the endpoint's ``/batch`` twin where it ``has_batch``."""
     service.require_model()
     async with service.intake(content_length(request), 1, max_seconds) as intake:
         if multipart_only:
@@ -140,7 +142,8 @@ async def one_clip(
         else:
             uploads = await read_audio(request, intake, max_files)
             if len(uploads) > 1:
-                raise bad_request(f"{len(uploads)} files sent to a single-clip endpoint; use {request.url.path}/batch")
+                hint = f"use {request.url.path}/batch" if has_batch else "send one file a request"
+                raise bad_request(f"{len(uploads)} files sent to a single-clip endpoint; {hint}")
         intake.expect(1)
         async with service.admitted(1):
             return await work(uploads[0], intake)
