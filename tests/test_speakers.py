@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -176,7 +177,33 @@ def test_each_key_sees_only_its_own_speakers(client):
     client.delete(f"/speakers/{mine['id']}", headers=auth("a"))
 
 
+def refuses_text_a_database_cannot_keep(c: httpx.Client, who: str) -> None:
+    """Names with control characters and metadata with a NUL character or a lone surrogate are bad
+    input (422), in an enrolment and in a rename, never a store error: PostgreSQL keeps no NUL in
+    text or jsonb, and neither database can encode a lone surrogate."""
+    before = c.get("/speakers", headers=auth(who)).json()["speakers"]
+    for name in ("a\x00b", "two\nlines", "bell\x07"):
+        r = enrol(c, name, [(2, 0)], who=who)
+        assert r.status_code == 422 and "name" in r.json()["error"]["message"], (name, r.text)
+    for meta in ('{"k": "a\\u0000b"}', '{"a\\u0000": 1}', '{"k": ["\\ud800"]}'):
+        r = enrol(c, "ok", [(2, 0)], who=who, metadata=meta)
+        assert r.status_code == 422 and "metadata" in r.json()["error"]["message"], (meta, r.text)
+    assert c.get("/speakers", headers=auth(who)).json()["speakers"] == before
+    made = enrol(c, "kept", [(2, 0)], who=who).json()
+    for body in ({"name": "a\x00b"}, {"name": "\ud800"}, {"metadata": {"k": "a\x00b"}}, {"metadata": {"\ud800": 1}}):
+        r = c.patch(
+            f"/speakers/{made['id']}",
+            content=json.dumps(body),
+            headers={**auth(who), "content-type": "application/json"},
+        )
+        assert r.status_code == 422, (body, r.text)
+    got = c.get(f"/speakers/{made['id']}", headers=auth(who)).json()
+    assert (got["name"], got["metadata"]) == ("kept", {})
+    assert c.delete(f"/speakers/{made['id']}", headers=auth(who)).status_code == 204
+
+
 def test_bad_enrolments_store_nothing(client):
+    refuses_text_a_database_cannot_keep(client, "a")
     before = client.get("/speakers", headers=auth("a")).json()["speakers"]
     r = enrol(client, "", [(1, 0)])
     assert r.status_code == 422 and "name" in r.json()["error"]["message"]
@@ -288,6 +315,7 @@ def test_two_replicas_on_postgres_see_each_others_changes(postgres, tmp_path):
             files = [("file", clip(1, 0)), ("file", ("x.wav", b"garbage" * 50, "audio/wav"))]
             assert a.post("/speakers", data={"name": "half"}, files=files, headers=auth("b")).status_code == 415
             assert len(b.get("/speakers", headers=auth("b")).json()["speakers"]) == 3
+            refuses_text_a_database_cannot_keep(a, "b")
     finally:
         one.stop()
         two.stop()

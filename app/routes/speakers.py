@@ -8,6 +8,7 @@ import json
 import logging
 import threading
 import time
+import unicodedata
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
@@ -137,7 +138,29 @@ def parse_name(value: str | None) -> str:
     name = (value or "").strip()
     if not 1 <= len(name) <= 200:
         raise ApiError(422, "invalid_parameters", "name must be 1 to 200 characters")
+    # control characters (NUL, line breaks) and lone surrogates: PostgreSQL keeps no NUL in text,
+    # neither database can encode a lone surrogate, and a line break would split an RTTM line
+    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in name):
+        raise ApiError(422, "invalid_parameters", "name must not contain control characters")
     return name
+
+
+def _storable(value: Any) -> bool:
+    """Whether every string of a JSON value (keys too) can be kept: no NUL character (PostgreSQL's
+    jsonb has none) and no lone surrogate (no UTF-8 encodes one)."""
+    if isinstance(value, str):
+        return "\x00" not in value and not any(unicodedata.category(ch) == "Cs" for ch in value)
+    if isinstance(value, dict):
+        return all(_storable(k) and _storable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(map(_storable, value))
+    return True
+
+
+def check_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    if not _storable(metadata):
+        raise ApiError(422, "invalid_parameters", "metadata must not contain NUL characters or lone surrogates")
+    return metadata
 
 
 def parse_metadata(value: str | None) -> dict[str, Any]:
@@ -149,7 +172,7 @@ def parse_metadata(value: str | None) -> dict[str, Any]:
         raise ApiError(422, "invalid_parameters", f"metadata is not valid JSON ({exc.msg})") from None
     if not isinstance(parsed, dict):
         raise ApiError(422, "invalid_parameters", "metadata must be a JSON object")
-    return parsed
+    return check_metadata(parsed)
 
 
 async def embed_clips(
@@ -318,7 +341,8 @@ async def patch_speaker(
     service.require_model()
     namespace = namespace_of(request, settings)
     name = None if patch.name is None else parse_name(patch.name)
-    profile = await in_store(speakers, lambda s: s.update(namespace, speaker_id, name, patch.metadata))
+    metadata = None if patch.metadata is None else check_metadata(patch.metadata)
+    profile = await in_store(speakers, lambda s: s.update(namespace, speaker_id, name, metadata))
     if profile is None:
         raise not_found(speaker_id)
     return speaker_out(profile, service, False)
