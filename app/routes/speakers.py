@@ -145,21 +145,31 @@ def parse_name(value: str | None) -> str:
     return name
 
 
-def _storable(value: Any) -> bool:
+MAX_METADATA_DEPTH = 32  # objects and arrays inside each other; deeper metadata could be stored but not answered
+
+
+def _storable(value: Any, depth: int = 0) -> bool:
     """Whether every string of a JSON value (keys too) can be kept: no NUL character (PostgreSQL's
-    jsonb has none) and no lone surrogate (no UTF-8 encodes one)."""
+    jsonb has none) and no lone surrogate (no UTF-8 encodes one); and whether it nests at most
+    ``MAX_METADATA_DEPTH`` deep (the JSON encoder of the answers stops far short of Python's parser)."""
     if isinstance(value, str):
         return "\x00" not in value and not any(unicodedata.category(ch) == "Cs" for ch in value)
+    if isinstance(value, dict | list) and depth >= MAX_METADATA_DEPTH:
+        return False
     if isinstance(value, dict):
-        return all(_storable(k) and _storable(v) for k, v in value.items())
+        return all(_storable(k) and _storable(v, depth + 1) for k, v in value.items())
     if isinstance(value, list):
-        return all(map(_storable, value))
+        return all(_storable(v, depth + 1) for v in value)
     return True
 
 
 def check_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
     if not _storable(metadata):
-        raise ApiError(422, "invalid_parameters", "metadata must not contain NUL characters or lone surrogates")
+        raise ApiError(
+            422,
+            "invalid_parameters",
+            f"metadata must nest at most {MAX_METADATA_DEPTH} deep and hold no NUL character or lone surrogate",
+        )
     return metadata
 
 
@@ -170,6 +180,8 @@ def parse_metadata(value: str | None) -> dict[str, Any]:
         parsed = json.loads(value)
     except json.JSONDecodeError as exc:
         raise ApiError(422, "invalid_parameters", f"metadata is not valid JSON ({exc.msg})") from None
+    except RecursionError:  # nested deeper than Python's parser goes
+        raise ApiError(422, "invalid_parameters", f"metadata must nest at most {MAX_METADATA_DEPTH} deep") from None
     if not isinstance(parsed, dict):
         raise ApiError(422, "invalid_parameters", "metadata must be a JSON object")
     return check_metadata(parsed)
