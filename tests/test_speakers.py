@@ -178,25 +178,30 @@ def test_each_key_sees_only_its_own_speakers(client):
 
 
 def refuses_text_a_database_cannot_keep(c: httpx.Client, who: str) -> None:
-    """Names with control characters, and metadata with a NUL character or a lone surrogate or nested
-    too deep, are bad input (422) in an enrolment and in a rename, never a store error or a 500:
-    PostgreSQL keeps no NUL in text or jsonb, neither database can encode a lone surrogate, and
-    metadata nested hundreds deep was stored and then broke every answer that showed it."""
+    """Names with control characters, and metadata with a NUL character or a lone surrogate, nested
+    too deep or over 16 KiB, are bad input (422) in an enrolment and in a rename (which took 60 MB),
+    never a store error or a 500: PostgreSQL keeps no NUL in text or jsonb, neither database can
+    encode a lone surrogate, and metadata nested hundreds deep was stored and then broke every
+    answer that showed it."""
     before = c.get("/speakers", headers=auth(who)).json()["speakers"]
     for name in ("a\x00b", "two\nlines", "bell\x07"):
         r = enrol(c, name, [(2, 0)], who=who)
         assert r.status_code == 422 and "name" in r.json()["error"]["message"], (name, r.text)
     deep, too_deep = ("[" * n + "]" * n for n in (31, 40))  # in the object: 32 and 41 deep
     assert enrol(c, "deep", [(2, 0)], who=who, metadata=f'{{"k": {deep}}}').status_code == 201
+    assert enrol(c, "big", [(2, 0)], who=who, metadata=json.dumps({"k": "v" * 16_000})).status_code == 201
     for meta in ('{"k": "a\\u0000b"}', '{"a\\u0000": 1}', '{"k": ["\\ud800"]}', f'{{"k": {too_deep}}}',
+                 json.dumps({"k": "v" * 16 * 1024}),
                  '{"k": ' + "[" * 100_000 + "]" * 100_000 + "}"):  # fmt: skip
         r = enrol(c, "ok", [(2, 0)], who=who, metadata=meta)
         assert r.status_code == 422 and "metadata" in r.json()["error"]["message"], (meta, r.text)
     listed = c.get("/speakers", headers=auth(who)).json()["speakers"]
-    assert [p["name"] for p in listed if p["id"] not in {q["id"] for q in before}] == ["deep"]
-    assert c.delete(f"/speakers/{listed[-1]['id']}", headers=auth(who)).status_code == 204
+    new = [p for p in listed if p["id"] not in {q["id"] for q in before}]
+    assert [p["name"] for p in new] == ["deep", "big"]
+    assert all(c.delete(f"/speakers/{p['id']}", headers=auth(who)).status_code == 204 for p in new)
     made = enrol(c, "kept", [(2, 0)], who=who).json()
     bodies = [{"name": "a\x00b"}, {"name": "\ud800"}, {"metadata": {"k": "a\x00b"}}, {"metadata": {"\ud800": 1}}]
+    bodies.append({"metadata": {"k": "v" * 16 * 1024}})  # over 16 KiB as JSON, as an enrolment's would be
     for body in [*bodies, {"metadata": {"k": json.loads(too_deep)}}]:
         r = c.patch(
             f"/speakers/{made['id']}",
