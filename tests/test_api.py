@@ -266,6 +266,9 @@ def test_bad_requests_get_json_4xx(client):
 def test_health_ready_model_and_openapi(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"status": "ready"}
+    for probe in ("/healthz", "/readyz"):  # some load balancers check with HEAD: the status, no body
+        r = client.head(probe)
+        assert r.status_code == 200 and r.content == b"", probe
     info = client.get("/v1/model").json()
     assert info["labels"] == LABELS and info["embedding_size"] == 256 and info["architecture"] == "resnet18"
     shipped = json.loads((SHIPPED_WEIGHTS / "manifest.json").read_text())

@@ -14,13 +14,15 @@ from app.schemas import ErrorResponse, Health, ModelInfo
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", response_model=Health, summary="the process is alive")
+# GET or HEAD: some load balancers' health checks send HEAD
+@router.api_route("/healthz", methods=["GET", "HEAD"], response_model=Health, summary="the process is alive")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get(
+@router.api_route(
     "/readyz",
+    methods=["GET", "HEAD"],
     response_model=Health,
     summary="the model is loaded and warmed",
     responses={503: {"model": ErrorResponse}},
