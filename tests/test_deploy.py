@@ -46,6 +46,12 @@ def test_probes_ports_and_body_limit_match_the_service():
     nginx = (ROOT / "deploy" / "nginx" / "voice-embed.conf").read_text()
     size_mb = int(re.search(r"client_max_body_size (\d+)m;", nginx).group(1))
     assert size_mb * 1024 * 1024 == Settings().max_body_bytes
+    # nginx waits for /diarize's answer as long as a recording of the longest length takes at the
+    # slowest real-time factor the service aims for (0.1, on AVX2), with room for work queued before it
+    diarize = re.search(r"location = /diarize \{([^}]*)\}", nginx)
+    assert diarize, "deploy/nginx/voice-embed.conf: no 'location = /diarize' block"
+    read_s = int(re.search(r"proxy_read_timeout (\d+)s;", diarize.group(1)).group(1))
+    assert read_s >= 2 * 0.1 * Settings().diarize_max_duration_s
     compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
     assert {"app1", "app2", "app3", "nginx", "postgres"} <= set(compose["services"])
     assert all("DATABASE_URL" in compose["services"][f"app{i}"]["environment"] for i in (1, 2, 3))
