@@ -319,8 +319,8 @@ class Diarization:
     embeddings: np.ndarray  # (speakers, E): each speaker's mean unit window embedding
     # (turns, E): each turn's mean unit window embedding, of the windows whose centres lie in it
     # (the nearest window for a turn with none), and (turns,) how many windows that is
-    turn_embeddings: np.ndarray | None = None
-    turn_windows: np.ndarray | None = None
+    turn_embeddings: np.ndarray
+    turn_windows: np.ndarray
 
     @property
     def speakers(self) -> int:
@@ -369,7 +369,6 @@ def set_apart(found: Diarization, keep: Sequence[bool]) -> tuple[Diarization, li
     from their turns' windows)."""
     if len(keep) != len(found.turns):
         raise ValueError(f"keep has {len(keep)} entries for {len(found.turns)} turns")
-    assert found.turn_embeddings is not None and found.turn_windows is not None
     # (speaker of found, kept) -> speaker of the result, in order of first speech
     new: dict[tuple[int, bool], int] = {}
     for t, k in zip(found.turns, keep, strict=True):
@@ -406,8 +405,6 @@ def keep_names_on_matching_turns(
     clustering joined to an enrolled one keeps its turns but not the enrolled name. Returns the
     diarization and a profile (or None) for each of its speakers."""
     keep = [True] * len(found.turns)
-    if found.turn_embeddings is None:
-        return found, list(chosen)
     for k, profile in enumerate(chosen):
         mine = [i for i, t in enumerate(found.turns) if t.speaker == k]
         if profile is None or not mine:

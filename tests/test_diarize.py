@@ -405,7 +405,8 @@ def test_a_name_on_overlapped_speech_of_the_named_speaker_is_told_apart_from_a_w
     reference = [(0.0, 6.0, "A"), (4.0, 10.0, "B")]  # B starts 2 s before A stops
     conv = Conversation("c", "synthetic", torch.zeros(10 * RATE), reference, False, {"A": [speech(0, 1), speech(0, 2)]})
     x = torch.stack([r.embedding for r in shipped.infer_many([speech(0, 3), speech(6, 3)])]).numpy()
-    found = Diarization(10.0, [Turn(0.0, 7.0, 0), Turn(7.0, 10.0, 1)], [7.0, 3.0], x)  # A's turn runs 1 s into B's
+    turns_ = [Turn(0.0, 7.0, 0), Turn(7.0, 10.0, 1)]  # A's turn runs 1 s into B's
+    found = Diarization(10.0, turns_, [7.0, 3.0], x, x, np.array([1, 1]))  # a turn of each speaker
     named = named_speech(shipped, conv, found, shipped.manifest.identify_threshold, ["A"])
     assert named["enrolled_s"] == pytest.approx(5.0, abs=0.03)  # 0.25-3.75 and 4.25-5.75
     assert named["named_right_s"] == pytest.approx(5.0, abs=0.03)
