@@ -37,7 +37,7 @@ FINETUNE_RECIPE ?= --epochs 5 --steps-per-epoch 300 --n-mels 64 --hop-ms 20 --fr
 	--centre-clips 3 --patience 10 --speed-perturb 0.9 1.1 --lr 1e-3
 # `make finetune-real` then fine-tunes those weights with the real speakers of the corpus beside the
 # synthetic voices in the margin head (their share of each batch set by --real-share), speed-perturbed
-# as before: the recipe of the shipped weights, 2026.12.06.1. Adding TEACHER="--teacher campplus
+# as before: the recipe of the shipped tensors, 2026.12.06.1's. Adding TEACHER="--teacher campplus
 # --distil-weight 1.0" distils CAM++ (make teachers) too; it measured no better on the validation
 # voices (docs/training.md), so the shipped recipe leaves it out.
 REAL_INIT ?= $(FINETUNE_RUN)/weights
@@ -105,7 +105,7 @@ lint: $(STAMP) ## ruff and mypy
 serve: $(STAMP) ## start the service on the shipped weights (PORT=8000)
 	WEIGHTS_DIR=$(WEIGHTS_DIR) HOST=$(HOST) PORT=$(PORT) $(PY) -m app
 
-corpus: $(STAMP) corpus-deps ## the corpus (9 labelled voices, 652 more, 28 open-set; the real speakers of $(REAL_SPEECH)) into $(DATA)
+corpus: $(STAMP) corpus-deps ## the corpus (9 labelled voices, 652 more, 23 open-set; the real speakers of $(REAL_SPEECH)) into $(DATA)
 	$(PY) -m model.training.corpus $(DATA) --per-voice $(PER_VOICE) --extra-per-voice $(EXTRA_PER_VOICE) \
 		--open-per-voice $(OPEN_PER_VOICE) --seed $(SEED) $(if $(REAL_SPEECH),--real $(REAL_SPEECH)) $(CORPUS_ARGS)
 

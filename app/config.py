@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Seconds of speech an enrolment needs before its voiceprint names 4 s probes as often as one of
 # 24 s does, within 1 point: `python -m model.training.enrolment weights data/corpus` on the
 # validation voices of the shipped weights (docs/api.md, "How much speech an enrolment needs").
-MIN_ENROL_SPEECH_S = 4.0
+MIN_ENROL_SPEECH_S = 12.0
 
 
 class Settings(BaseSettings):
