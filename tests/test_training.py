@@ -164,7 +164,9 @@ def _pitch_and_formants(text: str) -> list[float]:
 
 # What a variant file sets besides the voice itself: its name and language, the pitch, an
 # equaliser (tone), a room (echo) and the prosody
-NOT_THE_VOICE = {"name", "language", "gender", "pitch", "tone", "echo", "intonation", "stressadd", "stressamp", "stresslength"}
+NOT_THE_VOICE = {
+    "name", "language", "gender", "pitch", "tone", "echo", "intonation", "stressadd", "stressamp", "stresslength",
+}  # fmt: skip
 
 
 def _voice_settings(text: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
